@@ -1,0 +1,3 @@
+from stabilitylab.cli import main
+
+raise SystemExit(main())
