@@ -1,0 +1,130 @@
+"""The trainer's configuration schema: one dataclass per concern, defaults = the CPU preset.
+
+The caller (the `stabilitylab` CLI, a test, a notebook) builds a `TrainConfig`, usually
+through OmegaConf (YAML file + dotted overrides), and hands it to `trainer.train`.
+`resolve()` fills the fields a model preset decides (width, depth, head sizes) so that the
+`config.yaml` written next to a run is enough to rerun it exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+# width, depth, heads, projector/predictor hidden dim, output dim
+MODEL_PRESETS = {
+    "tiny": dict(embed_dim=192, depth=4, num_heads=3, head_hidden_dim=512, head_out_dim=128),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=12, head_hidden_dim=4096, head_out_dim=256),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, head_hidden_dim=4096, head_out_dim=256),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, head_hidden_dim=4096, head_out_dim=256),
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # tiny | vit_small | vit_base | vit_large
+    img_size: int = 32
+    patch_size: int = 4
+    embed_dim: Optional[int] = None  # None: from preset
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    pos_embed: str = "sincos"  # sincos (fixed, MoCo v3 layout) | learned | none
+    pool: str = "token"  # token | avg (keeps final LayerNorm) | avg_nonorm
+    patch_proj: str = "learned"  # learned | frozen | batchnorm | weightnorm | clip
+    patch_proj_clip: float = 1.0  # max L2 norm of the projection's gradient for patch_proj=clip
+    head_hidden_dim: Optional[int] = None  # projector & predictor hidden width
+    head_out_dim: Optional[int] = None
+    head_bn: bool = True  # BatchNorm in projector/predictor (paper ablation)
+    predictor: bool = True  # predictor on/off (paper ablation)
+
+
+@dataclass
+class MocoConfig:
+    m: float = 0.99  # momentum of the key encoder
+    m_cos: bool = True  # cosine schedule of m from `m` to 1 over training, per iteration
+    temperature: float = 0.2
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | lamb | lars (timm.optim)
+    base_lr: float = 1.5e-3  # lr = base_lr * global_batch / 256
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.9  # LARS only
+    exclude_norm_bias_wd: bool = False  # official code decays everything
+    batch_size: int = 128  # global batch over all ranks
+    epochs: float = 6.0
+    warmup_epochs: float = 1.0
+    max_steps: Optional[int] = None  # stop early after this many optimizer steps (total)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "imagefolder"  # imagefolder | cifar10 | cifar100 | synthetic
+    path: str = "data_samples/cifar10_small"  # relative paths also tried against the project root
+    train_split: str = "train"
+    val_split: str = "val"
+    augment: str = "mocov3"  # mocov3 | none (deterministic resize: for equivalence tests)
+    crop_min: float = 0.08
+    num_workers: int = 0
+    skip_bad_images: bool = False  # False: an unreadable image stops the run naming the file
+    synthetic_size: int = 512  # images per split for dataset=synthetic
+    synthetic_classes: int = 10
+
+
+@dataclass
+class KnnConfig:
+    enabled: bool = True
+    every: int = 20  # iterations between queue-kNN evaluations
+    k: int = 20
+    temperature: float = 0.07
+    queue_fraction: float = 0.1  # queue size as a fraction of the training set
+    val_size: int = 5000  # held-out queries per queue evaluation (capped by the split size)
+    full_every_epochs: float = 1.0  # full held-out kNN (fresh bank) every this many epochs; 0 = off
+    backend: str = "auto"  # auto | faiss | torch
+
+
+@dataclass
+class LogConfig:
+    every: int = 1  # per-layer statistics every this many steps
+    per_param: bool = False  # one row per parameter instead of per layer group
+    update_norms: bool = True  # keep a copy of the weights to log ||theta_t - theta_{t-1}||
+    flush_every_steps: int = 500
+    flush_every_s: float = 60.0
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep: int = 2
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16
+    max_nonfinite_steps: int = 20  # consecutive skipped steps before the run stops
+    compile: bool = False
+    threads: Optional[int] = None  # torch CPU threads; None: torch default
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill preset-dependent model fields in place and return cfg."""
+    m = cfg.model
+    if m.preset not in MODEL_PRESETS:
+        raise ValueError(f"model.preset={m.preset!r} is not one of {sorted(MODEL_PRESETS)}")
+    for key, value in MODEL_PRESETS[m.preset].items():
+        if getattr(m, key) is None:
+            setattr(m, key, value)
+    return cfg

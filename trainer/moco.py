@@ -1,0 +1,76 @@
+"""MoCo v3 (Chen, Xie & He 2021): base encoder + projector + predictor, momentum encoder,
+symmetrised InfoNCE loss. Mirrors the official moco-v3 `MoCo` / `MoCo_ViT` forward.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer.distributed import concat_all_gather, get_rank
+from trainer.heads import build_predictor, build_projector
+from trainer.model import build_backbone
+
+
+def contrastive_loss(q, k, temperature, rank=0):
+    """InfoNCE of queries q (N, C) against keys k (M, C), times 2T as in the official code.
+
+    k may be the keys of all ranks concatenated rank by rank; the positive of q[i] is then
+    k[rank * N + i]. With the defaults this is the single-process loss.
+    """
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k, dim=1)
+    logits = q @ k.T / temperature
+    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+class MoCo(nn.Module):
+    """q = predictor(projector(backbone(x))); k = momentum_projector(momentum_backbone(x))."""
+
+    def __init__(self, model_cfg, moco_cfg):
+        super().__init__()
+        self.temperature = moco_cfg.temperature
+        self.backbone = build_backbone(model_cfg)
+        self.feature_dim = self.backbone.num_features
+        self.projector = build_projector(model_cfg, self.feature_dim)
+        self.predictor = build_predictor(model_cfg)
+        self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    def _momentum_pairs(self):
+        """(base, momentum) parameter lists, without the base's frozen (requires_grad False) ones.
+
+        Frozen params (fixed patch projection, sin-cos pos embed) start equal in both encoders
+        and are never touched, so float rounding of m*x + (1-m)*x cannot make them drift.
+        """
+        base = [*self.backbone.parameters(), *self.projector.parameters()]
+        mom = [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
+        pairs = [(b, m) for b, m in zip(base, mom, strict=True) if b.requires_grad]
+        return [b for b, _ in pairs], [m for _, m in pairs]
+
+    @torch.no_grad()
+    def update_momentum_encoder(self, m):
+        """theta_k <- m * theta_k + (1 - m) * theta_q, fused over all parameters."""
+        base, mom = self._momentum_pairs()
+        torch._foreach_mul_(mom, m)
+        torch._foreach_add_(mom, base, alpha=1 - m)
+
+    def _loss(self, q, k):
+        return contrastive_loss(q, concat_all_gather(k), self.temperature, get_rank())
+
+    def forward(self, x1, x2, m):
+        """Symmetrised loss of two views, and the (detached) pooled backbone features of x1."""
+        f1 = self.backbone(x1)
+        q1 = self.predictor(self.projector(f1))
+        q2 = self.predictor(self.projector(self.backbone(x2)))
+        with torch.no_grad():
+            self.update_momentum_encoder(m)
+            k1 = self.momentum_projector(self.momentum_backbone(x1))
+            k2 = self.momentum_projector(self.momentum_backbone(x2))
+        return self._loss(q1, k2) + self._loss(q2, k1), f1.detach()
+
+    @torch.no_grad()
+    def backbone_features(self, x):
+        """Pooled features of the base backbone, for kNN / linear evaluation."""
+        return self.backbone(x)
