@@ -1,0 +1,175 @@
+"""`stabilitylab sweep`: expand a config grid into run directories and run them.
+
+Each grid point (x seed) becomes ``OUT/<key=value>_..._seed<N>``. Finished runs are skipped,
+interrupted runs with a checkpoint are resumed, so one sweep can be carried on across
+several work sessions. Launchers: ``local`` (K runs at a time, CPU threads split between
+them), ``torchrun`` (one run at a time on all local GPUs), ``slurm`` (writes an sbatch array
+script calling torchrun per run; nothing is submitted).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass
+class SweepRun:
+    name: str
+    overrides: list[str]
+    path: Path
+
+    def state(self) -> str:
+        """new | finished | resumable | broken (started, no checkpoint to resume from)."""
+        meta = self.path / "meta.json"
+        if not meta.exists():
+            return "new"
+        if json.loads(meta.read_text()).get("status") == "finished":
+            return "finished"
+        return "resumable" if any((self.path / "checkpoints").glob("step-*.pt")) else "broken"
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``key=v1,v2`` strings -> {key: [v1, v2]} (in the order given)."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ValueError(f"--grid {item!r} is not of the form dotted.key=value1,value2")
+        grid[key] = [v for v in values.split(",") if v]
+    return grid
+
+
+def _short(key: str) -> str:
+    return key.split(".")[-1]
+
+
+def expand(grid: dict[str, list[str]], seeds: int, out: Path, fixed: list[str] = ()) -> list[SweepRun]:
+    """Every combination of grid values x seeds, with readable directory names."""
+    keys = list(grid)
+    runs = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        for seed in range(seeds):
+            parts = [f"{_short(k)}={v}" for k, v in zip(keys, values)] + [f"seed{seed}"]
+            overrides = list(fixed) + [f"{k}={v}" for k, v in zip(keys, values)] + [f"seed={seed}"]
+            runs.append(SweepRun("_".join(parts).replace("/", "-"), overrides, out / "_".join(parts).replace("/", "-")))
+    return runs
+
+
+def train_command(run: SweepRun, config: str | None, launcher: str) -> list[str]:
+    """The command that starts or resumes one run."""
+    if launcher == "local":
+        head = [sys.executable, "-m", "stabilitylab", "train"]
+    else:
+        head = ["torchrun", "--standalone", "--nproc_per_node=gpu", "-m", "stabilitylab", "train"]
+    if run.state() == "resumable":
+        return head + ["--resume", str(run.path)]
+    tail = ["--out", str(run.path), "--force"] + run.overrides
+    return head + (["--config", config] if config else []) + tail
+
+
+def slurm_script(runs: list[SweepRun], config: str | None, out: Path, gpus: int = 8) -> str:
+    """An sbatch array script: task i runs (or resumes) run i with torchrun."""
+    lines = [f"{shlex.join(train_command(r, config, 'torchrun'))}" for r in runs]
+    cases = "\n".join(f"  {i}) {cmd} ;;" for i, cmd in enumerate(lines))
+    return (f"#!/bin/bash\n#SBATCH --job-name=stabilitylab-sweep\n#SBATCH --array=0-{len(runs) - 1}\n"
+            f"#SBATCH --gpus-per-node={gpus}\n#SBATCH --nodes=1\n#SBATCH --output={out}/slurm-%A_%a.log\n"
+            f"set -euo pipefail\ncase $SLURM_ARRAY_TASK_ID in\n{cases}\nesac\n")
+
+
+def add_sweep_parser(sub) -> None:
+    sweep = sub.add_parser(
+        "sweep", help="run a grid of training runs (resumable) and print the comparison",
+        description="Expand --grid options into run directories under --out and run them. "
+                    "Finished runs are skipped and interrupted runs resumed, so rerunning the "
+                    "same command carries a sweep on.")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every run")
+    sweep.add_argument("--config", metavar="FILE", help="base config file or preset name")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a config key and its values; repeat for a grid")
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default 1)")
+    sweep.add_argument("--out", required=True, metavar="DIR", help="sweep folder")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs at a time with --launcher local")
+    sweep.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default="local")
+    sweep.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+
+
+def cmd_sweep(args) -> int:
+    from stabilitylab.config import load_config
+
+    grid = parse_grid(args.grid)
+    if not grid:
+        raise ValueError("give at least one --grid KEY=V1,V2")
+    if args.seeds < 1 or args.jobs < 1:
+        raise ValueError("--seeds and --jobs must be at least 1")
+    out = Path(args.out)
+    runs = expand(grid, args.seeds, out, args.overrides)
+    for run in runs:  # validate every config before starting anything
+        load_config(args.config, run.overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SWEEP_FILE).write_text(json.dumps(
+        {"config": args.config, "grid": grid, "seeds": args.seeds, "overrides": args.overrides,
+         "runs": [r.name for r in runs]}, indent=2))
+    if args.launcher == "slurm":
+        script = out / "sweep.sbatch"
+        script.write_text(slurm_script(runs, args.config, out))
+        print(f"wrote {script} ({len(runs)} array tasks); submit with: sbatch {script}")
+        return 0
+    todo = [r for r in runs if r.state() != "finished"]
+    print(f"sweep {out}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run")
+    if args.dry_run:
+        for run in todo:
+            print(shlex.join(train_command(run, args.config, args.launcher)))
+        return 0
+    failed = _run_all(todo, args.config, args.launcher, args.jobs)
+    _print_comparison(runs)
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(r.name for r in failed)} "
+              f"(logs: RUN_DIR/train.log); rerun the same command to retry", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_all(runs: list[SweepRun], config: str | None, launcher: str, jobs: int) -> list[SweepRun]:
+    """Run `jobs` at a time (1 for torchrun), each with an equal share of the CPU threads."""
+    jobs = 1 if launcher == "torchrun" else jobs
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    pending, active, failed = list(runs), [], []
+    while pending or active:
+        while pending and len(active) < jobs:
+            run = pending.pop(0)
+            cmd = train_command(run, config, launcher)
+            if launcher == "local":
+                cmd += [f"threads={threads}", "log.progress=false"] if run.state() != "resumable" else []
+            run.path.mkdir(parents=True, exist_ok=True)
+            log = open(run.path.parent / f"{run.name}.log", "a")
+            print(f"start {run.name}")
+            active.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(0.5)
+        for item in list(active):
+            run, proc, log = item
+            if proc.poll() is not None:
+                active.remove(item)
+                log.close()
+                print(f"{'done  ' if proc.returncode == 0 else 'FAILED'} {run.name}")
+                if proc.returncode != 0:
+                    failed.append(run)
+    return failed
+
+
+def _print_comparison(runs: list[SweepRun]) -> None:
+    from analysis import compare_runs
+    from stabilitylab.run import Run, is_run_dir
+
+    loaded = [Run(r.path) for r in runs if is_run_dir(r.path)]
+    if loaded:
+        print(compare_runs(loaded).to_string(index=False))
