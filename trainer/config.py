@@ -57,7 +57,7 @@ class OptimConfig:
     batch_size: int = 128  # global batch over all ranks
     epochs: float = 6.0
     warmup_epochs: float = 1.0
-    max_steps: Optional[int] = None  # stop early after this many optimizer steps (total)
+    max_steps: Optional[int] = None  # stop after this many steps (total); schedules still span `epochs`
 
 
 @dataclass

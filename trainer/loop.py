@@ -124,8 +124,9 @@ class Trainer:
         self.sampler = ResumableSampler(len(self.data.train), self.local_batch, seed=cfg.seed,
                                         rank=self.rank, world_size=self.world)
         self.steps_per_epoch = self.sampler.batches_per_epoch
-        self.total_steps = (cfg.optim.max_steps if cfg.optim.max_steps is not None
-                            else max(1, round(cfg.optim.epochs * self.steps_per_epoch)))
+        # the schedules always span optim.epochs; optim.max_steps only stops early
+        self.schedule_steps = max(1, round(cfg.optim.epochs * self.steps_per_epoch))
+        self.total_steps = min(self.schedule_steps, cfg.optim.max_steps or self.schedule_steps)
 
         self.model = MoCo(cfg.model, cfg.moco).to(self.device)
         if self.world > 1:
@@ -206,8 +207,9 @@ class Trainer:
         return torch.cat(feats), torch.cat(labels)
 
     def _knn_row(self, source: str, result: dict) -> None:
+        """Evaluations run between steps; they are labelled with the last completed step."""
         self.writer.append("knn", {
-            "step": [self.step], "epoch": [self._epoch(self.step + 1)], "source": [source],
+            "step": [self.step - 1], "epoch": [self._epoch(self.step)], "source": [source],
             "k": [result["k"]], "top1": [result["top1"]], "top5": [result["top5"]],
             "bank_size": [result["bank_size"]], "n_queries": [result["n_queries"]]})
 
@@ -275,9 +277,9 @@ class Trainer:
         started = time.perf_counter()
         lr = lr_at(self.step, base_lr=cfg.optim.base_lr, global_batch=cfg.optim.batch_size,
                    steps_per_epoch=self.steps_per_epoch, warmup_epochs=cfg.optim.warmup_epochs,
-                   epochs=self.total_steps / self.steps_per_epoch)
+                   epochs=cfg.optim.epochs)
         m = momentum_at(self.step, m=cfg.moco.m, steps_per_epoch=self.steps_per_epoch,
-                        epochs=self.total_steps / self.steps_per_epoch, cosine=cfg.moco.m_cos)
+                        epochs=cfg.optim.epochs, cosine=cfg.moco.m_cos)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x1 = x1.to(self.device, non_blocking=True)

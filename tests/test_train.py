@@ -1,0 +1,165 @@
+"""The training loop end to end on a tiny synthetic model: tables written, NaN handling,
+patch-projection clipping, resume equivalence and DDP (gloo x2) equivalence."""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import stabilitylab as sl
+from stabilitylab.cli import main
+from stabilitylab.config import load_config
+from stabilitylab.rundir import RunWriter, write_meta
+from trainer import Trainer, train
+
+TINY = [
+    "data.dataset=synthetic", "data.synthetic_size=96", "model.img_size=16", "model.patch_size=4",
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.head_hidden_dim=64",
+    "model.head_out_dim=32", "optim.batch_size=16", "optim.epochs=2", "optim.warmup_epochs=0.5",
+    "knn.every=2", "knn.val_size=48", "threads=1", "log.progress=false",
+]
+# columns that must agree between runs that did the same arithmetic (timing columns differ)
+SAME = ["step", "epoch", "lr", "momentum", "loss", "grad_norm", "skipped"]
+
+
+def config(*overrides):
+    return load_config(None, TINY + list(overrides))
+
+
+def run_tiny(tmp_path, *overrides, name="run"):
+    cfg = config(*overrides)
+    run_dir = tmp_path / name
+    write_meta(run_dir, {"status": "running"})
+    writer = RunWriter(run_dir)
+    trainer = train(cfg, run_dir=run_dir, writer=writer)
+    writer.close()
+    return trainer, sl.load_run(run_dir)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def test_a_run_writes_every_table(tmp_path):
+    trainer, run = run_tiny(tmp_path)
+    n = trainer.total_steps
+    assert n == 2 * (96 // 16)
+    assert run.steps["step"].tolist() == list(range(n))
+    assert run.steps["loss"].notna().all() and not run.steps["skipped"].any()
+    layers = list(run.layers["layer"].cat.categories)
+    assert layers == ["patch_embed", "cls_token", "blocks.0", "blocks.1", "norm", "projector", "predictor"]
+    assert len(run.layers) == n * len(layers)
+    queue = run.knn[run.knn["source"] == "queue"]
+    assert queue["step"].tolist() == list(range(1, n, 2))
+    assert (queue["n_queries"] == 48).all() and queue["top1"].between(0, 1).all()
+    assert (run.knn["source"] == "val").sum() == 2  # once per epoch
+    assert "checkpoint" in set(run.events["kind"])
+
+
+def test_queue_knn_beats_chance_on_structured_data(tmp_path):
+    _, run = run_tiny(tmp_path)
+    assert run.knn[run.knn["source"] == "val"]["top1"].iloc[-1] > 0.3  # 10 classes: chance 0.1
+
+
+def test_non_finite_step_is_skipped_and_logged(tmp_path, monkeypatch):
+    cfg = config("optim.max_steps=4", "knn.enabled=false")
+    run_dir = tmp_path / "nan"
+    writer = RunWriter(run_dir)
+    trainer = Trainer(cfg, run_dir, writer)
+    forward = trainer.forward
+
+    def poisoned(x1, x2, m):
+        loss, feats = forward(x1, x2, m)
+        return (loss * float("nan") if trainer.step == 2 else loss), feats
+
+    trainer.forward = poisoned
+    trainer.fit()
+    writer.close()
+    write_meta(run_dir, {"status": "finished"})
+    run = sl.load_run(run_dir)
+    assert run.steps["skipped"].tolist() == [False, False, True, False]
+    assert run.events[run.events["kind"] == "nan_loss"]["step"].tolist() == [2]
+    at_2 = run.layers[run.layers["step"] == 2]
+    assert (at_2["update_l2"] == 0).all()  # the update was really skipped
+
+
+def test_consecutive_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path):
+    cfg = config("max_nonfinite_steps=3", "knn.enabled=false")
+    run_dir = tmp_path / "diverged"
+    trainer = Trainer(cfg, run_dir, RunWriter(run_dir))
+    forward = trainer.forward
+    trainer.forward = lambda x1, x2, m: (lambda out: (out[0] * float("inf"), out[1]))(forward(x1, x2, m))
+    from trainer import UserError
+    with pytest.raises(UserError, match="3 non-finite steps in a row"):
+        trainer.fit()
+    assert any((run_dir / "checkpoints").glob("step-*.pt"))
+
+
+def test_clip_bounds_only_the_patch_projection(tmp_path):
+    trainer = Trainer(config("model.patch_proj=clip", "model.patch_proj_clip=1e-4", "knn.enabled=false"),
+                      tmp_path / "clip", None)
+    x1, x2, labels, _ = next(iter(torch.utils.data.DataLoader(
+        trainer.data.train, batch_size=16, sampler=trainer.sampler)))
+    trainer.step = 3  # past lr = 0
+    params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    row = trainer.train_step(x1, x2, labels)
+    patch = [p.grad for n, p in params.items() if n.startswith("backbone.patch_embed.")]
+    clipped_norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in patch])).item()
+    assert row["grad_norm"] > 1e-3  # logged norm is the one before clipping
+    assert clipped_norm == pytest.approx(1e-4, rel=1e-3)
+    assert row["patch_proj_grad_norm_clipped"] == pytest.approx(1e-4)
+    other = [p.grad for n, p in params.items() if n.startswith("backbone.blocks.0.")]
+    assert torch.linalg.vector_norm(torch.cat([g.flatten() for g in other])).item() > 1e-3
+
+
+def test_frozen_projection_stays_fixed_and_shared_through_training(tmp_path):
+    trainer, _ = run_tiny(tmp_path, "model.patch_proj=frozen", "optim.max_steps=3", "knn.enabled=false")
+    fresh = Trainer(config("model.patch_proj=frozen", "knn.enabled=false"), tmp_path / "fresh", None)
+    for name in ["proj.weight", "proj.bias"]:
+        trained = trainer.model.backbone.patch_embed.state_dict()[name]
+        assert torch.equal(trained, fresh.model.backbone.patch_embed.state_dict()[name])
+        assert torch.equal(trained, trainer.model.momentum_backbone.patch_embed.state_dict()[name])
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """2N steps in one go == N steps, then --resume for N more (CPU, fp32): same rows.
+    (Killing a writer at random moments is covered in test_rundir.)"""
+    assert main(["train", "--out", str(tmp_path / "straight"), *TINY]) == 0
+    interrupted = tmp_path / "interrupted"
+    assert main(["train", "--out", str(interrupted), *TINY, "optim.max_steps=6"]) == 0
+    assert main(["train", "--resume", str(interrupted), "optim.max_steps=null"]) == 0
+    straight, resumed = sl.load_run(tmp_path / "straight"), sl.load_run(interrupted)
+    pd.testing.assert_frame_equal(straight.steps[SAME], resumed.steps[SAME])
+    pd.testing.assert_frame_equal(straight.layers, resumed.layers)
+    assert "resumed" in set(resumed.events["kind"]) and resumed.meta["status"] == "finished"
+    queue = lambda run: run.knn[run.knn["source"] == "queue"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(queue(straight), queue(resumed))
+
+
+@pytest.mark.slow
+def test_ddp_gloo_two_processes_equal_one_process(tmp_path):
+    """Same global batch on 1 and 2 CPU processes: same loss and per-layer gradient norms.
+    Heads without BatchNorm: SyncBatchNorm needs CUDA, so on CPU BN statistics stay per rank."""
+    overrides = [o for o in TINY if not o.startswith("threads")] + [
+        "data.augment=none", "model.head_bn=false", "optim.max_steps=4", "knn.full_every_epochs=0", "knn.queue_fraction=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, double = tmp_path / "single", tmp_path / "ddp"
+    subprocess.run([sys.executable, "-m", "stabilitylab", "train", "--out", str(single), *overrides],
+                   env=env, check=True, capture_output=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "stabilitylab", "train", "--out", str(double), *overrides],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = sl.load_run(single), sl.load_run(double)
+    assert two.meta["world_size"] == 2
+    np.testing.assert_allclose(two.steps["loss"], one.steps["loss"], rtol=1e-5)
+    np.testing.assert_allclose(two.steps["grad_norm"], one.steps["grad_norm"], rtol=1e-4)
+    np.testing.assert_allclose(two.grad_norms().to_numpy(), one.grad_norms().to_numpy(), rtol=1e-4)
+    np.testing.assert_allclose(two.knn["top1"], one.knn["top1"], atol=1e-9)
