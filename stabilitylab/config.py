@@ -47,7 +47,10 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
         key = getattr(exc, "full_key", None)
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"bad config value for {key}: {reason}" if key else reason) from None
-    return resolve(cfg)
+    try:
+        return resolve(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

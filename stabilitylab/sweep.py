@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from stabilitylab.config import ConfigError
+
 SWEEP_FILE = "sweep.json"
 
 
@@ -37,13 +39,18 @@ class SweepRun:
         return "resumable" if any((self.path / "checkpoints").glob("step-*.pt")) else "broken"
 
 
+def log_path(run: SweepRun) -> Path:
+    """Each run's console output, beside (not inside) its run directory."""
+    return run.path.parent / f"{run.name}.log"
+
+
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
     """``key=v1,v2`` strings -> {key: [v1, v2]} (in the order given)."""
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
-            raise ValueError(f"--grid {item!r} is not of the form dotted.key=value1,value2")
+            raise ConfigError(f"--grid {item!r} is not of the form dotted.key=value1,value2")
         grid[key] = [v for v in values.split(",") if v]
     return grid
 
@@ -107,9 +114,9 @@ def cmd_sweep(args) -> int:
 
     grid = parse_grid(args.grid)
     if not grid:
-        raise ValueError("give at least one --grid KEY=V1,V2")
+        raise ConfigError("give at least one --grid KEY=V1,V2")
     if args.seeds < 1 or args.jobs < 1:
-        raise ValueError("--seeds and --jobs must be at least 1")
+        raise ConfigError("--seeds and --jobs must be at least 1")
     out = Path(args.out)
     runs = expand(grid, args.seeds, out, args.overrides)
     for run in runs:  # validate every config before starting anything
@@ -133,7 +140,7 @@ def cmd_sweep(args) -> int:
     _print_comparison(runs)
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(r.name for r in failed)} "
-              f"(logs: RUN_DIR/train.log); rerun the same command to retry", file=sys.stderr)
+              f"(logs: {out}/<run>.log); rerun the same command to retry", file=sys.stderr)
         return 1
     return 0
 
@@ -149,9 +156,8 @@ def _run_all(runs: list[SweepRun], config: str | None, launcher: str, jobs: int)
             run = pending.pop(0)
             cmd = train_command(run, config, launcher)
             if launcher == "local":
-                cmd += [f"threads={threads}", "log.progress=false"] if run.state() != "resumable" else []
-            run.path.mkdir(parents=True, exist_ok=True)
-            log = open(run.path.parent / f"{run.name}.log", "a")
+                cmd += [f"threads={threads}", "log.progress=false"]
+            log = open(log_path(run), "a")
             print(f"start {run.name}")
             active.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         time.sleep(0.5)

@@ -4,9 +4,23 @@
 (`trainer.config.TrainConfig`) and the run writer. Paper concepts, one module each:
 model (backbone + patch-projection variants), heads, moco (loss, momentum update),
 probes (per-layer gradient statistics), knn (dense kNN monitor), schedules, optim, data.
-"""
-from trainer.config import TrainConfig
-from trainer.loop import Trainer, UserError, train
-from trainer.moco import MoCo, contrastive_loss
 
-__all__ = ["TrainConfig", "Trainer", "UserError", "train", "MoCo", "contrastive_loss"]
+Exports load lazily so that `trainer.config` (plain dataclasses) can be read without torch.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "TrainConfig": "trainer.config",
+    "Trainer": "trainer.loop",
+    "UserError": "trainer.loop",
+    "train": "trainer.loop",
+    "MoCo": "trainer.moco",
+    "contrastive_loss": "trainer.moco",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")

@@ -10,21 +10,42 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-# width, depth, heads, projector/predictor hidden dim, output dim
+# image and patch size, width, depth, heads, projector/predictor hidden dim, output dim
 MODEL_PRESETS = {
-    "tiny": dict(embed_dim=192, depth=4, num_heads=3, head_hidden_dim=512, head_out_dim=128),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=12, head_hidden_dim=4096, head_out_dim=256),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, head_hidden_dim=4096, head_out_dim=256),
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, head_hidden_dim=4096, head_out_dim=256),
+    # CPU-sized: 32 px images in 8 px patches (16 tokens) keep a step well under a second
+    "tiny": dict(img_size=32, patch_size=8, embed_dim=128, depth=4, num_heads=4,
+                 head_hidden_dim=512, head_out_dim=128),
+    "vit_small": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=12,
+                      head_hidden_dim=4096, head_out_dim=256),
+    "vit_base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                     head_hidden_dim=4096, head_out_dim=256),
+    "vit_large": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                      head_hidden_dim=4096, head_out_dim=256),
+}
+
+
+# allowed values of the string options, checked by resolve()
+POS_EMBEDS = ("sincos", "learned", "none")
+POOLS = ("token", "avg", "avg_nonorm")
+PATCH_PROJS = ("learned", "frozen", "batchnorm", "weightnorm", "clip")
+CHOICES = {
+    "model.pos_embed": POS_EMBEDS,
+    "model.pool": POOLS,
+    "model.patch_proj": PATCH_PROJS,
+    "optim.name": ("adamw", "lamb", "lars"),
+    "data.dataset": ("imagefolder", "cifar10", "cifar100", "synthetic"),
+    "data.augment": ("mocov3", "none"),
+    "knn.backend": ("auto", "faiss", "torch"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
 }
 
 
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # tiny | vit_small | vit_base | vit_large
-    img_size: int = 32
-    patch_size: int = 4
-    embed_dim: Optional[int] = None  # None: from preset
+    img_size: Optional[int] = None  # None: from preset
+    patch_size: Optional[int] = None
+    embed_dim: Optional[int] = None
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     mlp_ratio: float = 4.0
@@ -55,8 +76,8 @@ class OptimConfig:
     momentum: float = 0.9  # LARS only
     exclude_norm_bias_wd: bool = False  # official code decays everything
     batch_size: int = 128  # global batch over all ranks
-    epochs: float = 6.0
-    warmup_epochs: float = 1.0
+    epochs: float = 4.0
+    warmup_epochs: float = 0.5
     max_steps: Optional[int] = None  # stop after this many steps (total); schedules still span `epochs`
 
 
@@ -120,11 +141,21 @@ class TrainConfig:
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill preset-dependent model fields in place and return cfg."""
+    """Check the string options, fill preset-dependent model fields in place, return cfg."""
+    for dotted, allowed in CHOICES.items():
+        node = cfg
+        for key in dotted.split("."):
+            node = getattr(node, key)
+        if node not in allowed:
+            raise ValueError(f"{dotted}={node!r} is not one of: {', '.join(allowed)}")
     m = cfg.model
     if m.preset not in MODEL_PRESETS:
-        raise ValueError(f"model.preset={m.preset!r} is not one of {sorted(MODEL_PRESETS)}")
+        raise ValueError(f"model.preset={m.preset!r} is not one of: {', '.join(MODEL_PRESETS)}")
     for key, value in MODEL_PRESETS[m.preset].items():
         if getattr(m, key) is None:
             setattr(m, key, value)
+    if m.img_size % m.patch_size:
+        raise ValueError(f"model.img_size={m.img_size} is not a multiple of model.patch_size={m.patch_size}")
+    if m.embed_dim % m.num_heads:
+        raise ValueError(f"model.embed_dim={m.embed_dim} is not a multiple of model.num_heads={m.num_heads}")
     return cfg

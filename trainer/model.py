@@ -11,9 +11,7 @@ import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-POS_EMBEDS = ("sincos", "learned", "none")
-POOLS = ("token", "avg", "avg_nonorm")
-PATCH_PROJS = ("learned", "frozen", "batchnorm", "weightnorm", "clip")
+from trainer.config import PATCH_PROJS, POOLS, POS_EMBEDS
 
 
 class TokenBatchNorm(nn.Module):

@@ -1,0 +1,70 @@
+"""`stabilitylab sweep`: grid expansion, skipping finished runs, resuming interrupted ones,
+the slurm script, and a sweep that loads as one set of runs."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import stabilitylab as sl
+from stabilitylab.cli import main
+from stabilitylab.sweep import expand, parse_grid
+
+TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "model.img_size=16", "model.patch_size=4",
+        "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.head_hidden_dim=32",
+        "model.head_out_dim=16", "optim.batch_size=16", "optim.epochs=1", "knn.every=1",
+        "knn.val_size=16"]
+
+
+def test_grid_expands_to_readable_names(tmp_path):
+    grid = parse_grid(["model.patch_proj=learned,frozen", "optim.base_lr=1e-3,3e-3"])
+    runs = expand(grid, seeds=2, out=tmp_path)
+    assert len(runs) == 8
+    assert runs[0].name == "patch_proj=learned_base_lr=1e-3_seed0"
+    assert runs[0].overrides == ["model.patch_proj=learned", "optim.base_lr=1e-3", "seed=0"]
+    assert len({r.path for r in runs}) == 8
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("model.patch_proj", "dotted.key=value1,value2"),
+    ("model.nope=1,2", "nope"),
+    ("model.patch_proj=learned,wobbly", "wobbly"),
+])
+def test_bad_grids_are_one_line_errors_before_anything_runs(tmp_path, grid, message):
+    result = subprocess.run([sys.executable, "-m", "stabilitylab", "sweep", "--grid", grid,
+                             "--out", str(tmp_path / "s"), *TINY], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
+
+
+def test_slurm_launcher_writes_an_array_script(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--grid", "model.patch_proj=learned,frozen,clip", "--launcher", "slurm",
+                 "--out", str(out), *TINY]) == 0
+    script = (out / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-2" in script
+    assert script.count("torchrun") == 3 and "model.patch_proj=clip" in script
+    assert json.loads((out / "sweep.json").read_text())["grid"]["model.patch_proj"] == ["learned", "frozen", "clip"]
+
+
+@pytest.mark.slow
+def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--grid", "model.patch_proj=learned,frozen", "--jobs", "2", "--out", str(out), *TINY]
+    assert main(args) == 0
+    runs = sl.load_runs(out)
+    assert sorted(r.config_value("model.patch_proj") for r in runs) == ["frozen", "learned"]
+    assert all(r.meta["status"] == "finished" for r in runs)
+    printed = capsys.readouterr().out
+    assert "patch_proj=frozen_seed0" in printed and "final_top1" in printed  # comparison table
+
+    # mark one run interrupted: the next invocation resumes it and leaves the other alone
+    frozen = out / "patch_proj=frozen_seed0"
+    meta = json.loads((frozen / "meta.json").read_text())
+    (frozen / "meta.json").write_text(json.dumps({**meta, "status": "interrupted"}))
+    learned_mtime = (out / "patch_proj=learned_seed0" / "meta.json").stat().st_mtime
+    assert main(args) == 0
+    assert "1 finished, 1 to run" in capsys.readouterr().out
+    assert (out / "patch_proj=learned_seed0" / "meta.json").stat().st_mtime == learned_mtime
+    assert "resumed" in set(sl.load_run(frozen).events["kind"])
+    assert sl.load_run(frozen).meta["status"] == "finished"
