@@ -1,0 +1,38 @@
+"""Many runs side by side: one row per run, and the paper's Figure 6 grid."""
+from __future__ import annotations
+
+import pandas as pd
+
+from .summary import summarize_run
+
+METRICS = ["knn_source", "final_top1", "best_top1", "n_dips", "deepest_dip", "dip_area", "roughness",
+           "n_first_layer_spikes", "first_leads_frac", "final_loss"]
+
+
+def compare_runs(runs, *, by="model.patch_proj", **summary_kwargs) -> pd.DataFrame:
+    """One row per run: its name, the config values that tell runs apart, and its metrics.
+
+    by: dotted config key(s) always included (a str or a list), e.g. "model.patch_proj".
+    Config columns are `by` plus every dotted key whose value differs between the runs
+    (e.g. "optim.base_lr", "optim.batch_size", "optim.name"). Metric columns are those of
+    `summarize_run` (see METRICS): final/best kNN top-1 from `knn_source` ('val' when
+    present, else 'queue'), n_dips, deepest_dip, dip_area (top-1 x epochs), roughness (sum
+    of the falls between consecutive kNN evaluations), n_first_layer_spikes,
+    first_leads_frac and final_loss. summary_kwargs go to `summarize_run`.
+    """
+    runs = list(runs)
+    by = [by] if isinstance(by, str) else list(by)
+    config = pd.json_normalize([r.config or {} for r in runs], sep=".")
+    varied = [c for c in config.columns if c not in by and config[c].astype(str).nunique() > 1]
+    config = config.reindex(columns=by + varied)
+    metrics = pd.DataFrame([summarize_run(r, **summary_kwargs) for r in runs]).reindex(columns=METRICS)
+    return pd.concat([pd.DataFrame({"run": [r.name for r in runs]}), config, metrics], axis=1)
+
+
+def figure6_table(compare_df: pd.DataFrame, variant="model.patch_proj", lr="optim.base_lr",
+                  value="final_top1") -> pd.DataFrame:
+    """Pivot `compare_runs` output to variant x learning rate (Chen et al. 2021, Figure 6).
+
+    Cells hold `value`, averaged over runs that share a cell (e.g. seeds).
+    """
+    return compare_df.pivot_table(index=variant, columns=lr, values=value, aggfunc="mean")

@@ -1,0 +1,180 @@
+"""Lead-lag of gradient spikes between layers: do first-layer spikes come first?
+
+Chen, Xie & He (2021) saw gradient spikes appear first in the patch projection and reach
+the last layers a few iterations later. Here every later-layer spike event is matched to the
+nearest first-layer event within `max_lag` steps; lag = layer step - first-layer step, so a
+positive lag means the first layer leads. Significance comes from circular shifts of the
+first layer's event train, which keep its event count and spacing but break any timing link.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import signal
+
+from .spikes import DEFAULTS, find_spikes, log_deviation
+
+MAX_LAG_INTERVALS = 10
+ALPHA = 0.05
+
+
+@dataclass
+class LeadLagResult:
+    """per_layer: one row per later layer (see `spike_lead_lag`); matches: the event pairs
+    (layer, first_step, layer_step, lag); events: every spike event found (`find_spikes`
+    columns); summary: one plain paragraph; first and last: the first and the last layer."""
+
+    per_layer: pd.DataFrame
+    matches: pd.DataFrame
+    events: pd.DataFrame
+    summary: str
+    first: str
+    last: str | None
+    n_permutations: int
+    max_lag: float
+
+    @property
+    def verdict(self) -> str:
+        """'first leads' when the last layer's p_value < 0.05 and its median lag > 0."""
+        if self.last is None:
+            return "no later layer"
+        row = self.per_layer.set_index("layer").loc[self.last]
+        if row["n_matched"] == 0:
+            return "no matched spikes"
+        leads = row["p_value"] < ALPHA and row["median_lag"] > 0
+        return "first leads" if leads else "not significant"
+
+
+def nearest_lags(first: np.ndarray, later: np.ndarray, max_lag) -> np.ndarray:
+    """Lag from the nearest `first` event to each `later` event, NaN beyond `max_lag`.
+
+    first: (K, m) event steps, each row sorted (K event trains, e.g. shifted copies);
+    later: (q,) event steps. Returns (K, q) lags later - first. On a tie between an earlier
+    and a later first event the later one wins (lag <= 0), which counts against "first
+    leads". One batched searchsorted: row r is offset by r * span so rows never overlap.
+    """
+    K, m = first.shape
+    if m == 0 or len(later) == 0:
+        return np.full((K, len(later)), np.nan)
+    lo = min(first.min(), later.min())
+    span = max(first.max(), later.max()) - lo + 1
+    offset = np.arange(K)[:, None] * span
+    pos = np.searchsorted((first - lo + offset).ravel(), (later - lo + offset).ravel())
+    pos = pos.reshape(K, -1) - np.arange(K)[:, None] * m
+    rows = np.arange(K)[:, None]
+    before = np.where(pos > 0, later - first[rows, np.maximum(pos - 1, 0)], np.inf)
+    after = np.where(pos < m, later - first[rows, np.minimum(pos, m - 1)], -np.inf)
+    lag = np.where(before < -after, before, after)
+    return np.where(np.abs(lag) <= max_lag, lag, np.nan)
+
+
+def spike_lead_lag(grad_norms: pd.DataFrame, *, first="patch_embed", layers=None, max_lag=None,
+                   n_permutations=999, seed=0, **spike_kwargs) -> LeadLagResult:
+    """Test whether spikes of layer `first` precede spikes of the later layers.
+
+    grad_norms: wide frame, index step, one column per layer in model order
+        (`Run.grad_norms()`).
+    first: the layer expected to lead (the patch projection).
+    layers: the layers compared with it; default every other column, in order.
+    max_lag: largest |lag| matched, in steps. Default 10 logging intervals ("a few
+        iterations" in the paper, with room for logging every few steps).
+    n_permutations: circular shifts of the first layer's events (by a whole number of
+        logged rows) forming the null; p_value = (1 + #null >= observed) / (1 + n).
+        The statistic is the number of layer events whose nearest first-layer event comes
+        strictly earlier, so the test is one-sided ("first leads").
+    seed: seed of the shifts.
+    spike_kwargs: method, window, threshold, warmup for `find_spikes`.
+
+    per_layer columns: layer, n_first_events, n_layer_events, n_matched, frac_first_leads
+    (share of matched pairs with lag > 0), median_lag, mean_lag, xcorr_lag (peak of the
+    cross-correlation of log-norm deviations from a causal rolling median, within
+    +-max_lag, in steps, same sign: positive = first leads), p_value.
+    """
+    if first not in grad_norms.columns:
+        raise ValueError(f"layer {first!r} not in grad_norms columns")
+    layers = [c for c in grad_norms.columns if c != first] if layers is None else list(layers)
+    frame = grad_norms[[first, *layers]].sort_index()
+    steps = frame.index.to_numpy()
+    dt = float(np.median(np.diff(steps))) if len(steps) > 1 else 1.0
+    max_lag = MAX_LAG_INTERVALS * dt if max_lag is None else max_lag
+
+    events = find_spikes(frame, **spike_kwargs)
+    first_steps = np.sort(events.loc[events["layer"] == first, "step"].to_numpy())
+    rng = np.random.default_rng(seed)
+    shifts = rng.integers(1, max(len(steps), 2), size=n_permutations)
+    rows = np.searchsorted(steps, first_steps)
+    null_first = np.sort(steps[(rows[None, :] + shifts[:, None]) % max(len(steps), 1)], axis=1)
+
+    window = spike_kwargs.get("window") or DEFAULTS["mad"][0]
+    deviation = {c: log_deviation(frame[c], window).reindex(frame.index).fillna(0).to_numpy()
+                 for c in frame.columns}
+
+    per_layer, matches = [], []
+    for layer in layers:
+        layer_steps = events.loc[events["layer"] == layer, "step"].to_numpy()
+        lag = nearest_lags(first_steps[None, :], layer_steps, max_lag)[0]
+        ok = ~np.isnan(lag)
+        observed = np.sum(lag > 0)
+        null = np.sum(nearest_lags(null_first, layer_steps, max_lag) > 0, axis=1)
+        has_events = len(first_steps) > 0 and len(layer_steps) > 0
+        per_layer.append({
+            "layer": layer,
+            "n_first_events": len(first_steps),
+            "n_layer_events": len(layer_steps),
+            "n_matched": int(ok.sum()),
+            "frac_first_leads": observed / ok.sum() if ok.any() else np.nan,
+            "median_lag": np.median(lag[ok]) if ok.any() else np.nan,
+            "mean_lag": np.mean(lag[ok]) if ok.any() else np.nan,
+            "xcorr_lag": _xcorr_lag(deviation[layer], deviation[first], max_lag / dt) * dt,
+            "p_value": (1 + np.sum(null >= observed)) / (1 + n_permutations) if has_events else np.nan,
+        })
+        matches.append(pd.DataFrame({"layer": layer, "first_step": (layer_steps[ok] - lag[ok]).astype(steps.dtype),
+                                     "layer_step": layer_steps[ok], "lag": lag[ok]}))
+    per_layer = pd.DataFrame(per_layer, columns=["layer", "n_first_events", "n_layer_events", "n_matched",
+                                                 "frac_first_leads", "median_lag", "mean_lag", "xcorr_lag",
+                                                 "p_value"])
+    matches = (pd.concat(matches, ignore_index=True) if matches
+               else pd.DataFrame(columns=["layer", "first_step", "layer_step", "lag"]))
+    result = LeadLagResult(per_layer, matches, events, "", first, layers[-1] if layers else None,
+                           n_permutations, max_lag)
+    result.summary = _summary(result)
+    return result
+
+
+def _xcorr_lag(layer: np.ndarray, first: np.ndarray, max_rows: float) -> float:
+    """Lag (in rows) of the cross-correlation peak of `layer` against `first`, |lag| <= max_rows.
+
+    Only the 2L+1 lags needed are computed: `layer` against `first` trimmed by L rows at
+    each end ("valid" mode, direct), O(n L) instead of a full-length FFT.
+    """
+    L = int(min(max_rows, (len(first) - 1) // 2))
+    if not (np.any(layer) and np.any(first)):
+        return np.nan
+    corr = signal.correlate(layer, first[L:len(first) - L], mode="valid", method="direct")
+    return float(np.argmax(corr) - L)
+
+
+def _summary(r: LeadLagResult) -> str:
+    """One plain paragraph describing a LeadLagResult."""
+    n_first = int(r.per_layer["n_first_events"].iloc[0]) if len(r.per_layer) else 0
+    if r.last is None:
+        return f"Only {r.first} was given: there is no later layer to compare."
+    if n_first == 0:
+        return f"{r.first} had no spike events, so there is nothing for it to lead."
+    lags = r.matches["lag"].to_numpy(dtype=float)
+    text = (f"{r.first} had {n_first} spike events. Across {len(r.per_layer)} later layer(s), "
+            f"{len(lags)} spike events had a {r.first} event within {r.max_lag:g} steps")
+    if len(lags):
+        text += (f"; in {np.mean(lags > 0):.0%} of them the {r.first} event came first "
+                 f"(median lag {np.median(lags):g} steps)")
+    row = r.per_layer.set_index("layer").loc[r.last]
+    text += (f". In the last layer, {r.last}, {int(row['n_matched'])} of "
+             f"{int(row['n_layer_events'])} events matched")
+    if row["n_matched"]:
+        text += (f", median lag {row['median_lag']:g} steps, p = {row['p_value']:.3g} against "
+                 f"{r.n_permutations} circular shifts of the {r.first} events")
+    verdict = {"first leads": f"{r.first} spikes lead.",
+               "not significant": f"no evidence that {r.first} spikes lead."}.get(r.verdict, "")
+    return text + (": " + verdict if verdict else ".")
