@@ -1,0 +1,99 @@
+"""Static figures for papers (matplotlib, PNG + PDF): kNN curves and the paper's Figure 4 form.
+
+Figures are built on `matplotlib.figure.Figure` directly (no pyplot, no global backend
+switch), so this is safe to call from Jupyter and from a headless command line.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis import find_knn_dips, knn_curves
+from stabilitylab.plots import decimate, relative_to_median
+
+FORMATS = ("png", "pdf")
+
+
+def mpl_text(text) -> str:
+    """A name shown literally by matplotlib (no mathtext, not hidden from the legend)."""
+    text = str(text).replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
+
+
+def knn_plot(runs, dips: dict | None = None) -> Figure:
+    """kNN top-1 vs step of each run: queue as a line, val as markers; dips shaded.
+
+    `dips` maps a run name to its dips frame (start_step, end_step), e.g. from
+    `analysis.find_knn_dips`.
+    """
+    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    for run in runs:
+        for source, rows in knn_curves(run.knn).items():
+            curve = decimate(rows["top1"] * 100)
+            name = source if len(runs) == 1 else (
+                run.name if source == "queue" else f"{run.name} ({source})")
+            style = dict(lw=1) if source == "queue" else dict(ls="none", marker="o", ms=3)
+            ax.plot(curve.index, curve.to_numpy(), label=mpl_text(name), **style)
+        for dip in (dips or {}).get(run.name, pd.DataFrame()).itertuples():
+            ax.axvspan(dip.start_step, dip.end_step, color="tab:red", alpha=0.15, lw=0)
+    ax.set(xlabel="step", ylabel="kNN top-1 (%)", title=mpl_text(runs[0].name) if len(runs) == 1 else "")
+    ax.legend(frameon=False, fontsize="small")
+    return fig
+
+
+def first_last_plot(grad_norms: pd.DataFrame, title: str = "") -> Figure:
+    """First vs last layer gradient norm, each relative to its own median (Figure 4 form)."""
+    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    for layer in dict.fromkeys([grad_norms.columns[0], grad_norms.columns[-1]]):
+        curve = decimate(relative_to_median(grad_norms[layer].dropna()))
+        ax.plot(curve.index, curve.to_numpy(), lw=0.8, label=mpl_text(layer))
+    ax.set(xlabel="step", ylabel="gradient norm / layer median", yscale="log", title=mpl_text(title))
+    ax.legend(frameon=False, fontsize="small")
+    return fig
+
+
+def write_figures(runs, directory) -> list[Path]:
+    """Write, per run, NAME_knn and NAME_grad_first_last (plus knn_overlay for several runs)
+    as PNG and PDF into `directory`; returns the paths written. Runs without the data for
+    a figure are skipped."""
+    runs = list(runs)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    dips = {run.name: find_knn_dips(run.knn) for run in runs}
+    for run, stem in zip(runs, file_stems(run.name for run in runs)):
+        if len(run.knn):
+            paths += save(knn_plot([run], dips), directory / f"{stem}_knn")
+        grad_norms = run.grad_norms() if len(run.layers) else pd.DataFrame()
+        if not grad_norms.empty:
+            paths += save(first_last_plot(grad_norms, run.name), directory / f"{stem}_grad_first_last")
+    if len(runs) > 1 and any(len(run.knn) for run in runs):
+        paths += save(knn_plot(runs), directory / "knn_overlay")
+    return paths
+
+
+def file_stems(names) -> list[str]:
+    """Run names made safe and unique as file names."""
+    stems, seen = [], set()
+    for name in names:
+        stem = re.sub(r"[^A-Za-z0-9._=-]+", "_", str(name)).strip("._") or "run"
+        unique, i = stem, 1
+        while unique in seen:
+            i += 1
+            unique = f"{stem}_{i}"
+        seen.add(unique)
+        stems.append(unique)
+    return stems
+
+
+def save(fig: Figure, stem: Path) -> list[Path]:
+    """Write `fig` as stem.png (200 dpi) and stem.pdf."""
+    paths = [stem.with_name(f"{stem.name}.{fmt}") for fmt in FORMATS]
+    for path in paths:
+        fig.savefig(path, dpi=200)
+    return paths
