@@ -70,14 +70,16 @@ def nearest_lags(first: np.ndarray, later: np.ndarray, max_lag) -> np.ndarray:
     return np.where(np.abs(lag) <= max_lag, lag, np.nan)
 
 
-def spike_lead_lag(grad_norms: pd.DataFrame, *, first="patch_embed", layers=None, max_lag=None,
-                   n_permutations=999, seed=0, **spike_kwargs) -> LeadLagResult:
+def spike_lead_lag(grad_norms: pd.DataFrame, *, first="patch_embed", layers=None, last=None,
+                   max_lag=None, n_permutations=999, seed=0, **spike_kwargs) -> LeadLagResult:
     """Test whether spikes of layer `first` precede spikes of the later layers.
 
     grad_norms: wide frame, index step, one column per layer in model order
         (`Run.grad_norms()`).
     first: the layer expected to lead (the patch projection).
     layers: the layers compared with it; default every other column, in order.
+    last: the layer the verdict and summary speak of; default the last transformer block
+        (the last `blocks.N` column; the paper's "last layers"), else the last of `layers`.
     max_lag: largest |lag| matched, in steps. Default 10 logging intervals ("a few
         iterations" in the paper, with room for logging every few steps).
     n_permutations: circular shifts of the first layer's events (by a whole number of
@@ -137,8 +139,12 @@ def spike_lead_lag(grad_norms: pd.DataFrame, *, first="patch_embed", layers=None
                                                  "p_value"])
     matches = (pd.concat(matches, ignore_index=True) if matches
                else pd.DataFrame(columns=["layer", "first_step", "layer_step", "lag"]))
-    result = LeadLagResult(per_layer, matches, events, "", first, layers[-1] if layers else None,
-                           n_permutations, max_lag)
+    if last is None:
+        blocks = [c for c in layers if str(c).startswith("blocks.")]
+        last = blocks[-1] if blocks else (layers[-1] if layers else None)
+    elif last not in layers:
+        raise ValueError(f"last={last!r} is not one of the compared layers")
+    result = LeadLagResult(per_layer, matches, events, "", first, last, n_permutations, max_lag)
     result.summary = _summary(result)
     return result
 

@@ -26,7 +26,8 @@ def event_rows(count, seed, spacing=20):
 
 def test_first_layer_leading_by_a_known_lag():
     rows = event_rows(60, seed=1)
-    result = spike_lead_lag(norms(rows, rows + 3))
+    assert spike_lead_lag(norms(rows, rows + 3)).last == "blocks.0"  # default: last ViT block
+    result = spike_lead_lag(norms(rows, rows + 3), last="predictor")
     assert isinstance(result, LeadLagResult)
     last = result.per_layer.set_index("layer").loc["predictor"]
     assert last.n_first_events == 60 and last.n_layer_events == 60 and last.n_matched == 60
@@ -53,7 +54,8 @@ def test_swapping_the_layers_flips_the_lag():
 
 
 def test_independent_spike_trains_are_not_significant():
-    result = spike_lead_lag(norms(event_rows(400, 2, spacing=3), event_rows(400, 3, spacing=1)))
+    result = spike_lead_lag(norms(event_rows(400, 2, spacing=3), event_rows(400, 3, spacing=1)),
+                            last="predictor")
     row = result.per_layer.set_index("layer").loc["predictor"]
     assert row.n_matched > 50
     assert 0.3 < row.frac_first_leads < 0.7
@@ -63,7 +65,7 @@ def test_independent_spike_trains_are_not_significant():
 
 def test_max_lag_limits_matching():
     rows = event_rows(60, seed=1)
-    result = spike_lead_lag(norms(rows, rows + 3), max_lag=2 * DT)
+    result = spike_lead_lag(norms(rows, rows + 3), max_lag=2 * DT, last="predictor")
     assert result.per_layer.set_index("layer").loc["predictor", "n_matched"] == 0
     assert result.verdict == "no matched spikes"
 

@@ -39,6 +39,9 @@ def make_run(name, patch_proj="learned", lr=1.5e-3, seed=0, queue_dip=False, val
     if spikes and layers:
         x[SPIKE_STEPS, 0] *= 30
         x[np.add(SPIKE_STEPS, 3), -1] *= 30
+        blocks = [i for i, layer in enumerate(layers) if layer.startswith("blocks.")]
+        if blocks:  # the last block, where the lead-lag verdict looks
+            x[np.add(SPIKE_STEPS, 3), blocks[-1]] *= 30
     grads = pd.DataFrame(x, index=step, columns=pd.CategoricalIndex(layers, categories=layers))
     long = grads.stack().rename("grad_l2").reset_index()
     long.columns = ["step", "layer", "grad_l2"]
