@@ -155,6 +155,7 @@ def cmd_train(args) -> int:
             _prepare_new_run_dir(run_dir, args.force)
 
     from trainer import UserError, train
+    from trainer.data import BadImageError
 
     writer = None
     if rank == 0:
@@ -176,7 +177,7 @@ def cmd_train(args) -> int:
         status = "interrupted"
         print(f"\ninterrupted; continue with: stabilitylab train --resume {run_dir}", file=sys.stderr)
         return 130
-    except UserError as exc:
+    except (UserError, BadImageError) as exc:
         error = str(exc)
         print(f"stabilitylab train: error: {error}", file=sys.stderr)
         return 1

@@ -91,3 +91,25 @@ def test_analyze_and_compare_print_results(tiny_run):
     assert json.loads(as_json.stdout)["name"] == "run"
     compared = cli("compare", str(tiny_run), "--csv")
     assert compared.returncode == 0 and compared.stdout.count("\n") == 2  # header + one run
+
+
+def test_unreadable_training_image_is_named_in_one_line(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in [("train", 12), ("val", 4)]:
+        for cls in ["a", "b"]:
+            folder = tmp_path / "data" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    bad = tmp_path / "data" / "train" / "a" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    result = cli("train", "--out", str(tmp_path / "run"), f"data.path={tmp_path / 'data'}",
+                 "model.img_size=16", "model.patch_size=8", "model.embed_dim=16", "model.depth=1",
+                 "model.num_heads=2", "model.head_hidden_dim=16", "model.head_out_dim=8",
+                 "optim.batch_size=8", "knn.val_size=8", "log.progress=false")
+    assert result.returncode == 1, result.stderr
+    assert "broken.jpg" in result.stderr and "skip_bad_images" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert '"status": "failed"' in (tmp_path / "run" / "meta.json").read_text()

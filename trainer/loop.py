@@ -124,6 +124,8 @@ class Trainer:
         self.sampler = ResumableSampler(len(self.data.train), self.local_batch, seed=cfg.seed,
                                         rank=self.rank, world_size=self.world)
         self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.loader = build_loader(self.data.train, self.sampler, self.local_batch,
+                                   cfg.data.num_workers, self.device)
         # the schedules always span optim.epochs; optim.max_steps only stops early
         self.schedule_steps = max(1, round(cfg.optim.epochs * self.steps_per_epoch))
         self.total_steps = min(self.schedule_steps, cfg.optim.max_steps or self.schedule_steps)
@@ -152,7 +154,7 @@ class Trainer:
             self.knn = KnnMonitor(queue_size, self.model.feature_dim, self.data.num_classes,
                                   k=cfg.knn.k, temperature=cfg.knn.temperature,
                                   backend=cfg.knn.backend, device=self.device)
-            self.knn_queries = self._held_out_subset(cfg.knn.val_size)
+            self.knn_queries = self._held_out_subset(cfg.knn.val_size) if self.is_main else None
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.step_rows: list[dict] = []
@@ -340,9 +342,7 @@ class Trainer:
                 epoch, start_batch = divmod(self.step, self.steps_per_epoch)
                 self.sampler.set_epoch(epoch)
                 self.sampler.set_start_batch(start_batch)
-                loader = build_loader(self.data.train, self.sampler, self.local_batch,
-                                      cfg.data.num_workers, self.device)
-                for x1, x2, labels, bad_paths in loader:
+                for x1, x2, labels, bad_paths in self.loader:  # re-reads the sampler's epoch
                     for path in filter(None, bad_paths):
                         self.writer.event(self.step, "bad_image", f"unreadable, replaced: {path}")
                     row = self.train_step(x1, x2, labels)
