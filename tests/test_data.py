@@ -9,7 +9,6 @@ from trainer.config import DataConfig
 from trainer.data import (BadImageError, ResumableSampler, build_datasets, build_loader,
                           eval_transform, plain_transform)
 
-torch.set_num_threads(1)
 
 
 def synthetic(**overrides):

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from trainer.knn import KnnMonitor, knn_accuracy, knn_predict
 
-torch.set_num_threads(1)
 T = 0.07
 
 

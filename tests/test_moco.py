@@ -11,15 +11,6 @@ from trainer.moco import MoCo, contrastive_loss
 IMG = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_moco(temperature=0.2, **kw):
     model = ModelConfig(img_size=IMG, patch_size=4, embed_dim=32, depth=2, num_heads=2,
                         head_hidden_dim=64, head_out_dim=16, **kw)

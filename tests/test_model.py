@@ -14,15 +14,6 @@ from trainer.model import build_backbone, patch_proj_parameters, sincos_pos_embe
 DIM, PATCH, IMG = 32, 4, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw):
     model = ModelConfig(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=2, num_heads=2,
                         head_hidden_dim=64, head_out_dim=16, **kw)

@@ -10,7 +10,6 @@ from torch import nn
 
 from trainer.probes import GradientProbe, layer_groups
 
-torch.set_num_threads(1)
 
 
 class TinyMoco(nn.Module):

@@ -8,7 +8,6 @@ from trainer.config import OptimConfig
 from trainer.optim import build_optimizer
 from trainer.schedules import lr_at, momentum_at
 
-torch.set_num_threads(1)
 
 # peak lr = 1.5e-4 * 4096 / 256 = 2.4e-3; 100 steps per epoch, 10 warmup epochs of 100
 LR = dict(base_lr=1.5e-4, global_batch=4096, steps_per_epoch=100, warmup_epochs=10, epochs=100)

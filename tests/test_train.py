@@ -3,7 +3,6 @@ patch-projection clipping, resume equivalence and DDP (gloo x2) equivalence."""
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -38,11 +37,6 @@ def run_tiny(tmp_path, *overrides, name="run"):
     trainer = train(cfg, run_dir=run_dir, writer=writer)
     writer.close()
     return trainer, sl.load_run(run_dir)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
 
 
 def test_a_run_writes_every_table(tmp_path):

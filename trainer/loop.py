@@ -12,7 +12,6 @@ should_flush / flush / update_meta); only rank 0 gets one.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 from dataclasses import asdict
