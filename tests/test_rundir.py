@@ -125,7 +125,10 @@ def test_sigkill_at_random_moments_leaves_a_readable_prefix(tmp_path):
     for attempt in range(6):
         run_dir = tmp_path / f"run{attempt}"
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(run_dir)])
-        time.sleep(rng.uniform(0.8, 4.0))
+        while not (run_dir / "segments.json").exists():  # started (imports are slow under load)
+            assert child.poll() is None, "writer child died"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 3.0))
         child.send_signal(signal.SIGKILL)
         child.wait()
         run = sl.load_run(run_dir)
