@@ -157,3 +157,19 @@ def test_ddp_gloo_two_processes_equal_one_process(tmp_path):
     np.testing.assert_allclose(two.steps["grad_norm"], one.steps["grad_norm"], rtol=1e-4)
     np.testing.assert_allclose(two.grad_norms().to_numpy(), one.grad_norms().to_numpy(), rtol=1e-4)
     np.testing.assert_allclose(two.knn["top1"], one.knn["top1"], atol=1e-9)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_log_unscaled_norms(tmp_path, precision):
+    """Autocast runs on the CPU too; fp16 logs the GradScaler scale, norms stay unscaled."""
+    trainer, run = run_tiny(tmp_path, f"precision={precision}", "optim.max_steps=3", "knn.enabled=false")
+    assert trainer.precision == precision
+    steps = run.steps
+    finite = np.isfinite(steps["grad_norm"])
+    assert steps["loss"].notna().all() and (steps["grad_norm"][finite] < 1e3).all()
+    assert (steps["skipped"] == ~finite).all()  # an fp16 overflow is a skipped step
+    if precision == "fp16":  # the scale (logged after the step) halves after each overflow
+        expected = 65536.0 * 0.5 ** np.cumsum(~finite.to_numpy())
+        np.testing.assert_array_equal(steps["loss_scale"], expected)
+    else:
+        assert steps["loss_scale"].isna().all() and finite.all()
