@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import find_knn_dips, knn_curves
-from stabilitylab.plots import decimate, relative_to_median
+from stabilitylab.plots import decimate, default_layers, relative_to_median
 
 FORMATS = ("png", "pdf")
 
@@ -46,10 +46,12 @@ def knn_plot(runs, dips: dict | None = None) -> Figure:
 
 
 def first_last_plot(grad_norms: pd.DataFrame, title: str = "") -> Figure:
-    """First vs last layer gradient norm, each relative to its own median (Figure 4 form)."""
+    """First layer vs last transformer block gradient norm, each relative to its own median
+    (Figure 4 form)."""
     fig = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.add_subplot()
-    for layer in dict.fromkeys([grad_norms.columns[0], grad_norms.columns[-1]]):
+    layers = default_layers(grad_norms.columns)
+    for layer in dict.fromkeys([layers[0], layers[-1]]):
         curve = decimate(relative_to_median(grad_norms[layer].dropna()))
         ax.plot(curve.index, curve.to_numpy(), lw=0.8, label=mpl_text(layer))
     ax.set(xlabel="step", ylabel="gradient norm / layer median", yscale="log", title=mpl_text(title))

@@ -71,9 +71,13 @@ def relative_to_median(series: pd.Series) -> pd.Series:
 
 
 def default_layers(layers) -> list[str]:
-    """First, middle and last layer in model order (fewer when there are fewer layers)."""
-    layers = list(layers)
-    return list(dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]])) if layers else []
+    """First layer, middle and last transformer block (the paper's "last layers", not the
+    heads); without `blocks.N` columns the middle and last column. Fewer when fewer layers."""
+    layers = [str(layer) for layer in layers]
+    if not layers:
+        return []
+    blocks = [layer for layer in layers if layer.startswith("blocks.")] or layers
+    return list(dict.fromkeys([layers[0], blocks[len(blocks) // 2], blocks[-1]]))
 
 
 def loss_figure(steps: pd.DataFrame, max_points: int = MAX_POINTS) -> go.Figure:
