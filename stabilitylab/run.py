@@ -79,9 +79,9 @@ def read_table(run_dir: str | os.PathLike, table: str, *, columns: list[str] | N
         pieces.append(part.cast(pa.schema([schema.field(n) for n in names])))
     result = (pa.concat_tables(pieces) if pieces
               else pa.schema([schema.field(n) for n in names]).empty_table())
-    if result.num_rows:
-        order = pc.sort_indices(result["step"])  # stable: keeps model order within a step
-        result = result.take(order)
+    step = result["step"]
+    if result.num_rows > 1 and not pc.all(pc.greater_equal(step[1:], step[:-1])).as_py():
+        result = result.take(pc.sort_indices(step))  # stable: keeps model order within a step
     if as_arrow:
         return result
     return _to_pandas(result)
@@ -179,16 +179,20 @@ def pivot_layers(long: pd.DataFrame, stat: str) -> pd.DataFrame:
     Scatter by integer codes instead of DataFrame.pivot: linear time on millions of rows.
     """
     layer = long["layer"]
-    if isinstance(layer.dtype, pd.CategoricalDtype):
-        layer = layer.array.remove_unused_categories()
+    layer = layer.array if isinstance(layer.dtype, pd.CategoricalDtype) else pd.Categorical(
+        layer, categories=pd.unique(layer))
+    step = long["step"].to_numpy()
+    if len(step) and np.all(step[1:] >= step[:-1]):  # sorted (as read_table returns): linear
+        new_row = np.concatenate([[True], step[1:] != step[:-1]])
+        steps, row = step[new_row], np.cumsum(new_row) - 1
     else:
-        layer = pd.Categorical(layer, categories=pd.unique(layer))
-    steps, row = np.unique(long["step"].to_numpy(), return_inverse=True)
+        steps, row = np.unique(step, return_inverse=True)
+    codes = np.asarray(layer.codes)
     wide = np.full((len(steps), len(layer.categories)), np.nan, dtype=np.float64)
-    wide[row, np.asarray(layer.codes)] = long[stat].to_numpy(dtype=np.float64)
-    frame = pd.DataFrame(wide, index=pd.Index(steps, name="step"),
-                         columns=pd.Index([str(c) for c in layer.categories], name="layer"))
-    return frame
+    wide[row, codes] = long[stat].to_numpy(dtype=np.float64)
+    used = np.bincount(codes, minlength=len(layer.categories)) > 0  # drop unused categories
+    return pd.DataFrame(wide[:, used], index=pd.Index(steps, name="step"),
+                        columns=pd.Index([str(c) for c in layer.categories[used]], name="layer"))
 
 
 def load_run(path: str | os.PathLike, *, lenient: bool = False) -> Run:

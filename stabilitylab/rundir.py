@@ -134,8 +134,12 @@ def to_arrow(table: str, columns: Mapping[str, Sequence] | pa.Table) -> pa.Table
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
+    # noisy floats compress best byte-stream-split, which pyarrow only applies to columns
+    # that are not dictionary-encoded: keep dictionaries for the other columns only
     floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
-    pq.write_table(table, tmp, compression="zstd", use_byte_stream_split=floats or False)
+    others = [f.name for f in table.schema if f.name not in floats]
+    pq.write_table(table, tmp, compression="zstd", use_dictionary=others or False,
+                   use_byte_stream_split=floats or False)
     os.replace(tmp, path)
 
 

@@ -173,3 +173,9 @@ def test_mixed_precision_steps_log_unscaled_norms(tmp_path, precision):
         np.testing.assert_array_equal(steps["loss_scale"], expected)
     else:
         assert steps["loss_scale"].isna().all() and finite.all()
+
+
+def test_layer_statistics_can_be_switched_off(tmp_path):
+    _, run = run_tiny(tmp_path, "log.every=0", "optim.max_steps=3", "knn.enabled=false")
+    assert len(run.steps) == 3 and run.steps["grad_norm"].notna().all()
+    assert run.layers.empty

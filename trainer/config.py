@@ -109,7 +109,7 @@ class KnnConfig:
 
 @dataclass
 class LogConfig:
-    every: int = 1  # per-layer statistics every this many steps
+    every: int = 1  # per-layer statistics every this many steps; 0 = none
     per_param: bool = False  # one row per parameter instead of per layer group
     update_norms: bool = True  # keep a copy of the weights to log ||theta_t - theta_{t-1}||
     flush_every_steps: int = 500

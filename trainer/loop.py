@@ -291,7 +291,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
 
-        log_layers = self.step % cfg.log.every == 0
+        log_layers = cfg.log.every > 0 and self.step % cfg.log.every == 0
         grad_norm = self.probe.record(self.step) if log_layers else self.probe.total_grad_norm()
         loss_mean = dist_utils.all_reduce_mean(loss.detach().float())
         finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_mean))  # the one host sync
