@@ -10,7 +10,7 @@ import stabilitylab as sl
 from stabilitylab.cli import main
 from stabilitylab.sweep import expand, parse_grid
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "model.img_size=16", "model.patch_size=4",
+TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.num_workers=0", "model.img_size=16", "model.patch_size=4",
         "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.head_hidden_dim=32",
         "model.head_out_dim=16", "optim.batch_size=16", "optim.epochs=1", "knn.every=1",
         "knn.val_size=16"]

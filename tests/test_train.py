@@ -16,7 +16,7 @@ from stabilitylab.rundir import RunWriter, write_meta
 from trainer import Trainer, train
 
 TINY = [
-    "data.dataset=synthetic", "data.synthetic_size=96", "model.img_size=16", "model.patch_size=4",
+    "data.dataset=synthetic", "data.synthetic_size=96", "data.num_workers=0", "model.img_size=16", "model.patch_size=4",
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.head_hidden_dim=64",
     "model.head_out_dim=32", "optim.batch_size=16", "optim.epochs=2", "optim.warmup_epochs=0.5",
     "knn.every=2", "knn.val_size=48", "threads=1", "log.progress=false",

@@ -76,7 +76,7 @@ class OptimConfig:
     momentum: float = 0.9  # LARS only
     exclude_norm_bias_wd: bool = False  # official code decays everything
     batch_size: int = 128  # global batch over all ranks
-    epochs: float = 4.0
+    epochs: float = 3.0
     warmup_epochs: float = 0.5
     max_steps: Optional[int] = None  # stop after this many steps (total); schedules still span `epochs`
 
@@ -89,7 +89,7 @@ class DataConfig:
     val_split: str = "val"
     augment: str = "mocov3"  # mocov3 | none (deterministic resize: for equivalence tests)
     crop_min: float = 0.08
-    num_workers: int = 0
+    num_workers: int = 1  # one worker overlaps augmentation with compute even on 2 cores
     skip_bad_images: bool = False  # False: an unreadable image stops the run naming the file
     synthetic_size: int = 512  # images per split for dataset=synthetic
     synthetic_classes: int = 10
