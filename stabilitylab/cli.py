@@ -163,8 +163,10 @@ def cmd_train(args) -> int:
             atomic_write_text(run_dir / CONFIG_FILE, config_to_yaml(cfg))
             write_meta(run_dir, {**_environment_meta(cfg), "start_time": utc_now().isoformat(),
                                  "end_time": None, "status": "running"})
-        else:
-            update_meta(run_dir, status="running", end_time=None, resumed_at=utc_now().isoformat())
+        else:  # config.yaml keeps describing what runs from now on; meta says what changed
+            atomic_write_text(run_dir / CONFIG_FILE, config_to_yaml(cfg))
+            update_meta(run_dir, status="running", end_time=None, resumed_at=utc_now().isoformat(),
+                        resume_overrides=list(args.overrides))
         writer = RunWriter(run_dir, flush_every_steps=cfg.log.flush_every_steps,
                            flush_every_s=cfg.log.flush_every_s,
                            resume_step=None if resume_from is None else resume_from.step)

@@ -132,6 +132,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     pd.testing.assert_frame_equal(straight.steps[SAME], resumed.steps[SAME])
     pd.testing.assert_frame_equal(straight.layers, resumed.layers)
     assert "resumed" in set(resumed.events["kind"]) and resumed.meta["status"] == "finished"
+    assert resumed.meta["resume_overrides"] == ["optim.max_steps=null"]
+    assert resumed.config["optim"]["max_steps"] is None  # config.yaml describes the resumed run
     queue = lambda run: run.knn[run.knn["source"] == "queue"].reset_index(drop=True)
     pd.testing.assert_frame_equal(queue(straight), queue(resumed))
 
