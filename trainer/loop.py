@@ -142,7 +142,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.clip_params = patch_proj_parameters(self.model.backbone) if cfg.model.patch_proj == "clip" else []
-        self.trained_params = [p for p in self.model.parameters() if p.requires_grad]
         log_rows = max(1, cfg.log.flush_every_steps // max(1, cfg.log.every) + 1)
         self.probe = GradientProbe(self.model, per_param=cfg.log.per_param,
                                    update_norms=cfg.log.update_norms, capacity=log_rows,
