@@ -205,9 +205,15 @@ class BadImageError(RuntimeError):
     """
 
     def __init__(self, path: str, reason: str = ""):
+        if reason:
+            message = (f"cannot read image {path}: {reason}; fix or remove it, or set "
+                       f"data.skip_bad_images=true")
+        else:  # a worker's re-raise: the original message is the last line of its traceback
+            lines = [line for line in path.splitlines() if "cannot read image " in line]
+            message = lines[-1].split("BadImageError: ", 1)[-1] if lines else path
+            path = message.removeprefix("cannot read image ").split(": ", 1)[0]
         self.path = path
-        super().__init__(f"cannot read image {path}: {reason}; fix or remove it, or set "
-                         f"data.skip_bad_images=true" if reason else path)
+        super().__init__(message)
 
 
 def load_rgb(path: str) -> Image.Image:
