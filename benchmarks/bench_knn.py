@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     wall, cpu = timed_steps(trainer, batch, steps)
     t_step = statistics.median(cpu if clock == "cpu" else wall)
     t_eval, _ = timed(trainer.evaluate_queue_knn, device, repeats, clock)
-    t_feat, feats = timed(lambda: trainer._features(trainer.knn_queries[0]), device, repeats, clock)
+    t_feat, feats = timed(lambda: trainer._embed(trainer.knn_queries[0].split(256)), device, repeats, clock)
     t_knn, _ = timed(lambda: trainer.knn.evaluate(feats, trainer.knn_queries[1]), device, repeats, clock)
     share = t_eval / (t_eval + args.every * t_step)
     b = cfg.optim.batch_size

@@ -67,7 +67,8 @@ def expand(grid: dict[str, list[str]], seeds: int, out: Path, fixed: list[str] =
         for seed in range(seeds):
             parts = [f"{_short(k)}={v}" for k, v in zip(keys, values)] + [f"seed{seed}"]
             overrides = list(fixed) + [f"{k}={v}" for k, v in zip(keys, values)] + [f"seed={seed}"]
-            runs.append(SweepRun("_".join(parts).replace("/", "-"), overrides, out / "_".join(parts).replace("/", "-")))
+            name = "_".join(parts).replace("/", "-")
+            runs.append(SweepRun(name, overrides, out / name))
     return runs
 
 

@@ -176,35 +176,37 @@ class Trainer:
         size = min(size, len(val))
         generator = torch.Generator().manual_seed(self.cfg.seed)
         indices = torch.randperm(len(val), generator=generator)[:size].tolist()
-        subset = torch.utils.data.Subset(val, indices)
-        loader = torch.utils.data.DataLoader(subset, batch_size=256, num_workers=self.cfg.data.num_workers)
         images, labels = [], []
-        for x, y in loader:
+        for x, y in self._eval_loader(torch.utils.data.Subset(val, indices)):
             images.append(x.to(self.device, torch.float16))
             labels.append(y.to(self.device))
         return torch.cat(images), torch.cat(labels)
 
-    @torch.no_grad()
-    def _features(self, images: torch.Tensor) -> torch.Tensor:
-        self.model.eval()
-        feats = []
-        with self._autocast():
-            for chunk in images.split(256):
-                feats.append(self.model.backbone_features(chunk.float()).float())
-        self.model.train()
-        return torch.cat(feats)
+    def _eval_loader(self, dataset):
+        return torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=self.cfg.data.num_workers)
 
     @torch.no_grad()
-    def _features_of(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=self.cfg.data.num_workers)
-        feats, labels = [], []
+    def _embed(self, batches) -> torch.Tensor:
+        """Backbone features of image batches in eval mode (BatchNorm statistics untouched)."""
         self.model.eval()
-        with self._autocast():
-            for x, y in loader:
-                feats.append(self.model.backbone_features(x.to(self.device)).float())
-                labels.append(y.to(self.device))
-        self.model.train()
-        return torch.cat(feats), torch.cat(labels)
+        try:
+            with self._autocast():
+                feats = [self.model.backbone_features(x.to(self.device).float()).float() for x in batches]
+        finally:
+            self.model.train()
+        return torch.cat(feats)
+
+    def _features_of(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and labels of a whole dataset, streamed batch by batch."""
+        labels = []
+
+        def images():
+            for x, y in self._eval_loader(dataset):
+                labels.append(y)
+                yield x
+
+        features = self._embed(images())
+        return features, torch.cat(labels).to(self.device)
 
     def _knn_row(self, source: str, result: dict) -> None:
         """Evaluations run between steps; they are labelled with the last completed step."""
@@ -215,7 +217,7 @@ class Trainer:
 
     def evaluate_queue_knn(self) -> None:
         images, labels = self.knn_queries
-        result = self.knn.evaluate(self._features(images), labels)
+        result = self.knn.evaluate(self._embed(images.split(256)), labels)
         if result is not None:
             self.last_top1 = result["top1"]
             self._knn_row("queue", result)
