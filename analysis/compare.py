@@ -6,7 +6,9 @@ import pandas as pd
 from .summary import summarize_run
 
 METRICS = ["knn_source", "final_top1", "best_top1", "n_dips", "deepest_dip", "dip_area", "roughness",
-           "n_first_layer_spikes", "first_leads_frac", "final_loss"]
+           "n_first_layer_spikes", "first_peak_ratio", "last_peak_ratio", "first_leads_frac", "final_loss"]
+SPREAD_METRICS = ["final_top1", "best_top1", "n_dips", "deepest_dip", "roughness", "first_peak_ratio",
+                  "last_peak_ratio", "final_loss"]
 
 
 def compare_runs(runs, *, by="model.patch_proj", **summary_kwargs) -> pd.DataFrame:
@@ -18,6 +20,7 @@ def compare_runs(runs, *, by="model.patch_proj", **summary_kwargs) -> pd.DataFra
     `summarize_run` (see METRICS): final/best kNN top-1 from `knn_source` ('val' when
     present, else 'queue'), n_dips, deepest_dip, dip_area (top-1 x epochs), roughness (sum
     of the falls between consecutive kNN evaluations), n_first_layer_spikes,
+    first_peak_ratio / last_peak_ratio (largest gradient norm over its running median),
     first_leads_frac and final_loss. summary_kwargs go to `summarize_run`.
     """
     runs = list(runs)
@@ -36,3 +39,24 @@ def figure6_table(compare_df: pd.DataFrame, variant="model.patch_proj", lr="opti
     Cells hold `value`, averaged over runs that share a cell (e.g. seeds).
     """
     return compare_df.pivot_table(index=variant, columns=lr, values=value, aggfunc="mean")
+
+
+def seed_spread(compare_df: pd.DataFrame, *, seed="seed", metrics=None) -> pd.DataFrame:
+    """Mean, standard deviation and count over seeds of each setting of `compare_runs` output.
+
+    A setting is one combination of the config columns other than `seed` (the columns
+    between "run" and the metrics). Columns: the setting's config values, n_seeds, then
+    METRIC_mean and METRIC_std for each of `metrics` (default SPREAD_METRICS present in
+    the frame). std is the sample standard deviation (NaN for a single seed).
+    """
+    metrics = [m for m in (SPREAD_METRICS if metrics is None else metrics) if m in compare_df]
+    config = [c for c in compare_df.columns if c not in {"run", seed, *METRICS}]
+    frame = compare_df.copy()
+    for c in config:  # group on printable values: lists / None would not group
+        frame[c] = frame[c].astype(str)
+    values = frame[metrics].apply(pd.to_numeric, errors="coerce")
+    grouped = values.groupby([frame[c] for c in config], sort=False) if config else values.groupby(lambda _: "all")
+    stats = grouped.agg(["mean", "std"])
+    stats.columns = [f"{m}_{stat}" for m, stat in stats.columns]
+    stats.insert(0, "n_seeds", grouped.size())
+    return stats.reset_index(drop=not config)

@@ -104,6 +104,24 @@ def find_spikes(values, *, method="mad", window=None, threshold=None, warmup=WAR
     return out
 
 
+def peak_ratio(values, *, window=DEFAULTS["ratio"][0], warmup=WARMUP) -> pd.Series:
+    """Largest value / causal rolling median of each column (the paper-style "10x" yardstick).
+
+    values: Series or wide frame as for `find_spikes`. Same baseline as method="ratio"
+    (median of the previous `window` finite positive values) and the same `warmup` rows
+    skipped, but no threshold: the answer to "how big was the largest excursion?" even in a
+    run with no spikes. NaN for a series shorter than warmup + 1.
+    """
+    frame = values.to_frame("value" if values.name is None else values.name) if isinstance(values, pd.Series) else values
+    out = {}
+    for layer in frame.columns:
+        x = frame[layer].astype(float).to_numpy()
+        x = x[np.isfinite(x) & (x > 0)]
+        ratio = x / causal_median(x, window)
+        out[layer] = np.nanmax(ratio[warmup:]) if len(x) > warmup else np.nan
+    return pd.Series(out, dtype=float)
+
+
 def _events(layer, x: pd.Series, baseline, score, pos) -> pd.DataFrame:
     """Group consecutive flagged positions `pos` of one series into events."""
     steps = x.index.to_numpy()

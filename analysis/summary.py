@@ -8,7 +8,7 @@ import pandas as pd
 
 from .dips import find_knn_dips, knn_curves
 from .leadlag import spike_lead_lag
-from .spikes import find_spikes
+from .spikes import find_spikes, peak_ratio
 
 FINAL_LOSS_STEPS = 100
 DIP_FIELDS = ["source", "start_step", "bottom_step", "end_step", "peak", "bottom", "depth",
@@ -25,6 +25,8 @@ def summarize_run(run, *, first="patch_embed", **spike_kwargs) -> dict:
     roughness (sum of the falls between consecutive evaluations), all for that source;
     dips (every source's dips, with `confirmed` by the other source), n_confirmed_dips,
     n_unconfirmed_dips; spikes (events per layer), n_first_layer_spikes,
+    first_peak_ratio / last_peak_ratio (largest gradient norm over its running median, see
+    `peak_ratio`, for `first` and for the lead-lag's last layer),
     first_leads_frac (share of matched later-layer events that `first` preceded),
     lead_lag (last-layer verdict, p_value, median_lag, summary); notes (what is missing).
     Missing data gives None values and a note, never an error. JSON-serializable.
@@ -77,15 +79,18 @@ def _spike_summary(run, first: str, spike_kwargs: dict, notes: list) -> dict:
     grad_norms = run.grad_norms() if len(run.layers) else pd.DataFrame()
     if grad_norms.empty:
         notes.append("no per-layer gradient norms")
-        return dict(spikes={}, n_first_layer_spikes=None, first_leads_frac=None, lead_lag=None)
+        return dict(spikes={}, n_first_layer_spikes=None, first_peak_ratio=None, last_peak_ratio=None,
+                    first_leads_frac=None, lead_lag=None)
+    ratios = peak_ratio(grad_norms, **{k: v for k, v in spike_kwargs.items() if k == "warmup"})
     if first not in grad_norms.columns:
         notes.append(f"{first} not logged: no lead-lag")
         events = find_spikes(grad_norms, **spike_kwargs)
-        lead_lag, leads = None, None
+        lead_lag, leads, last_layer = None, None, None
     else:
         ll = spike_lead_lag(grad_norms, first=first, **spike_kwargs)
         events = ll.events
         leads = (ll.matches["lag"] > 0).mean() if len(ll.matches) else None
+        last_layer = ll.last
         last = ll.per_layer[ll.per_layer["layer"] == ll.last].to_dict("records")
         last = last[0] if last else {}
         lead_lag = dict(first=first, last=ll.last, verdict=ll.verdict, p_value=last.get("p_value"),
@@ -93,6 +98,7 @@ def _spike_summary(run, first: str, spike_kwargs: dict, notes: list) -> dict:
                         xcorr_lag=last.get("xcorr_lag"), summary=ll.summary)
     spikes = events.groupby("layer", observed=False).size()
     return dict(spikes=spikes.to_dict(), n_first_layer_spikes=spikes.get(first),
+                first_peak_ratio=ratios.get(first), last_peak_ratio=ratios.get(last_layer),
                 first_leads_frac=leads, lead_lag=lead_lag)
 
 
@@ -134,6 +140,11 @@ def format_summary(summary: dict) -> str:
                          f"-{100 * d['depth']:.1f} points{noise}, "
                          f"{'recovered' if d['recovered'] else 'not recovered'}, "
                          f"{confirmed[d['confirmed']]}")
+    if s.get("first_peak_ratio") is not None:
+        last = s["lead_lag"]["last"] if s.get("lead_lag") else "last layer"
+        tail = "" if s.get("last_peak_ratio") is None else f", {last} {s['last_peak_ratio']:.1f}x"
+        lines.append(f"Largest gradient norm over its running median: first layer "
+                     f"{s['first_peak_ratio']:.1f}x{tail} (paper-style spikes: >= 10x)")
     if s.get("spikes"):
         lines.append("Spike events: " + ", ".join(f"{k} {v}" for k, v in s["spikes"].items()))
     if s.get("lead_lag"):

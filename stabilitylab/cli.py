@@ -60,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="print a comparison table of runs")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, globs or sweep folders")
-    compare.add_argument("--by", default="model.patch_proj", help="config key that names the variant")
+    compare.add_argument("--by", default="model.patch_proj",
+                         help="config key(s) that name the variant, comma-separated (always shown)")
+    compare.add_argument("--over-seeds", action="store_true",
+                         help="one row per setting: mean and standard deviation over its seeds")
     fmt = compare.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="CSV instead of a text table")
     fmt.add_argument("--json", action="store_true", help="JSON records instead of a text table")
@@ -229,10 +232,12 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from analysis import compare_runs
+    from analysis import compare_runs, seed_spread
     from stabilitylab.run import load_runs
 
-    table = compare_runs(load_runs(args.runs), by=args.by)
+    table = compare_runs(load_runs(args.runs), by=[k for k in args.by.split(",") if k])
+    if args.over_seeds:
+        table = seed_spread(table)
     if args.csv:
         print(table.to_csv(index=False), end="")
     elif args.json:

@@ -56,7 +56,10 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 
 
 def _short(key: str) -> str:
-    return key.split(".")[-1]
+    """The last part of a dotted key, or the one before it when the last says nothing
+    on its own (`optim.name` -> `optim`)."""
+    parts = key.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
 
 def expand(grid: dict[str, list[str]], seeds: int, out: Path, fixed: list[str] = ()) -> list[SweepRun]:

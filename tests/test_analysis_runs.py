@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import compare_runs, figure6_table, format_summary, summarize_run
+from analysis import compare_runs, figure6_table, format_summary, seed_spread, summarize_run
 
 LAYERS = ["patch_embed", "blocks.0", "blocks.1", "norm", "predictor"]
 N_STEPS = 3000
@@ -122,3 +122,26 @@ def test_compare_runs_with_a_bare_run():
     table = compare_runs([make_run("a"), make_run("bare", knn=False, layers=[])])
     bare = table.set_index("run").loc["bare"]
     assert pd.isna(bare.final_top1) and pd.isna(bare.n_first_layer_spikes)
+
+
+def test_peak_ratios_in_the_summary():
+    # make_run multiplies patch_embed (first) and the last block by 30 at the spike steps,
+    # on a log-normal background with sigma 0.1
+    s = summarize_run(make_run("a"))
+    assert 25 < s["first_peak_ratio"] < 40 and 25 < s["last_peak_ratio"] < 40
+    quiet = summarize_run(make_run("quiet", spikes=False))
+    assert 1.1 < quiet["first_peak_ratio"] < 2.0 and 1.1 < quiet["last_peak_ratio"] < 2.0
+    assert "first layer 1." in format_summary(quiet)
+
+
+def test_seed_spread_against_numpy():
+    runs = [make_run(f"{proj}-{lr}-{seed}", patch_proj=proj, lr=lr, seed=seed)
+            for proj in ("learned", "frozen") for lr in (1e-3, 1e-2) for seed in range(3)]
+    table = compare_runs(runs)
+    spread = seed_spread(table)
+    assert len(spread) == 4 and spread["n_seeds"].eq(3).all()
+    row = spread[(spread["model.patch_proj"] == "frozen") & (spread["optim.base_lr"] == str(1e-2))].iloc[0]
+    top1 = table[table["run"].str.startswith("frozen-0.01-")]["final_top1"].to_numpy()
+    assert row["final_top1_mean"] == pytest.approx(top1.mean())
+    assert row["final_top1_std"] == pytest.approx(top1.std(ddof=1))
+    assert "seed" not in spread and "roughness_std" in spread

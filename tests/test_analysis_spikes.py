@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import find_spikes
+from analysis import find_spikes, peak_ratio
 from analysis.spikes import causal_median
 
 N = 5000
@@ -73,3 +73,18 @@ def test_causal_median_is_a_shifted_rolling_median(window):
     y = np.random.default_rng(0).standard_normal(3000)
     expected = pd.Series(y).rolling(window, min_periods=1).quantile(0.5, interpolation="higher").shift(1)
     np.testing.assert_allclose(causal_median(y, window), expected.to_numpy())
+
+
+def test_peak_ratio_is_max_over_shifted_rolling_median():
+    norms = noisy_norms(columns=("patch_embed", "blocks.0"))
+    norms.iloc[2000, 0] *= 12
+    norms.iloc[10, 1] *= 50  # inside the warmup: not counted
+    ratios = peak_ratio(norms, window=100, warmup=50)
+    for layer in norms.columns:
+        x = norms[layer]
+        baseline = x.rolling(100, min_periods=1).median().shift(1).to_numpy()
+        # expected: pandas' rolling median (a mean of the middle pair for even counts,
+        # ours takes the upper value) - equal to well under a percent on this noise
+        expected = np.max(x.to_numpy()[50:] / baseline[50:])
+        assert ratios[layer] == pytest.approx(expected, rel=0.02)
+    assert 9 < ratios["patch_embed"] < 16 and ratios["blocks.0"] < 3

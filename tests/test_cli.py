@@ -91,6 +91,10 @@ def test_analyze_and_compare_print_results(tiny_run):
     assert json.loads(as_json.stdout)["name"] == "run"
     compared = cli("compare", str(tiny_run), "--csv")
     assert compared.returncode == 0 and compared.stdout.count("\n") == 2  # header + one run
+    spread = cli("compare", str(tiny_run), "--over-seeds", "--csv")
+    header, row = spread.stdout.splitlines()
+    assert spread.returncode == 0 and "final_top1_std" in header
+    assert row.split(",")[header.split(",").index("n_seeds")] == "1"
 
 
 def test_unreadable_training_image_is_named_in_one_line(tmp_path):

@@ -23,6 +23,8 @@ def test_grid_expands_to_readable_names(tmp_path):
     assert runs[0].name == "patch_proj=learned_base_lr=1e-3_seed0"
     assert runs[0].overrides == ["model.patch_proj=learned", "optim.base_lr=1e-3", "seed=0"]
     assert len({r.path for r in runs}) == 8
+    optimizers = expand(parse_grid(["optim.name=adamw,lamb"]), seeds=1, out=tmp_path)
+    assert [r.name for r in optimizers] == ["optim=adamw_seed0", "optim=lamb_seed0"]
 
 
 @pytest.mark.parametrize("grid, message", [
