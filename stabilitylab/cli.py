@@ -75,7 +75,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may come after options (`sweep --grid a=1,2 --seeds 3 b=4`): argparse
+    # fills a positional list only once, so later ones arrive here and join the list
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     handlers = {"train": cmd_train, "report": cmd_report, "analyze": cmd_analyze,
                 "compare": cmd_compare, "sweep": _cmd_sweep}
     try:

@@ -49,6 +49,16 @@ def test_slurm_launcher_writes_an_array_script(tmp_path, capsys):
     assert json.loads((out / "sweep.json").read_text())["grid"]["model.patch_proj"] == ["learned", "frozen", "clip"]
 
 
+def test_overrides_may_follow_options(tmp_path, capsys):
+    assert main(["sweep", "--grid", "model.patch_proj=learned,frozen", "optim.base_lr=1e-1", "--seeds", "1",
+                 "--dry-run", "--out", str(tmp_path / "s"), "optim.epochs=8", *TINY]) == 0
+    commands = capsys.readouterr().out.splitlines()[1:]
+    assert len(commands) == 2 and all("optim.base_lr=1e-1" in c and "optim.epochs=8" in c for c in commands)
+    with pytest.raises(SystemExit):
+        main(["sweep", "--grid", "model.patch_proj=learned", "--out", str(tmp_path / "t"), "--nope", *TINY])
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path, capsys):
     out = tmp_path / "sweep"
