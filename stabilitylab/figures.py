@@ -1,4 +1,5 @@
-"""Static figures for papers (matplotlib, PNG + PDF): kNN curves and the paper's Figure 4 form.
+"""Static figures for papers (matplotlib, PNG + PDF): kNN curves, their spread over seeds,
+and the paper's Figure 4 form.
 
 Figures are built on `matplotlib.figure.Figure` directly (no pyplot, no global backend
 switch), so this is safe to call from Jupyter and from a headless command line.
@@ -45,6 +46,36 @@ def knn_plot(runs, dips: dict | None = None) -> Figure:
     return fig
 
 
+def setting_labels(runs, seed_key="seed") -> list[str]:
+    """One label per run naming the config values that differ between the runs, seed
+    excluded, so that the seeds of one setting share a label ("all" when nothing differs)."""
+    config = pd.json_normalize([run.config or {} for run in runs], sep=".")
+    varied = [c for c in config.columns if c != seed_key and config[c].astype(str).nunique() > 1]
+    return [", ".join(f"{c.split('.')[-1]}={row[c]}" for c in varied) or "all"
+            for _, row in config.iterrows()]
+
+
+def knn_seeds_plot(runs, source="val") -> Figure:
+    """kNN top-1 of each setting (see `setting_labels`): mean over its seeds as a line and
+    +-1 standard deviation as a band, at the steps every seed evaluated."""
+    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    curves = {}
+    for run, label in zip(runs, setting_labels(runs)):
+        curve = knn_curves(run.knn).get(source)
+        if curve is not None:
+            curves.setdefault(label, []).append(curve["top1"] * 100)
+    for label, members in curves.items():
+        table = pd.concat(members, axis=1, join="inner")
+        mean, std = table.mean(axis=1), table.std(axis=1).fillna(0)
+        line, = ax.plot(mean.index, mean.to_numpy(), lw=1.2, label=mpl_text(f"{label} (n={table.shape[1]})"))
+        ax.fill_between(mean.index, (mean - std).to_numpy(), (mean + std).to_numpy(),
+                        color=line.get_color(), alpha=0.2, lw=0)
+    ax.set(xlabel="step", ylabel=f"kNN top-1 ({source}, %)", title="mean and ±1 sd over seeds")
+    ax.legend(frameon=False, fontsize="small")
+    return fig
+
+
 def first_last_plot(grad_norms: pd.DataFrame, title: str = "") -> Figure:
     """First layer vs last transformer block gradient norm, each relative to its own median
     (Figure 4 form)."""
@@ -60,9 +91,9 @@ def first_last_plot(grad_norms: pd.DataFrame, title: str = "") -> Figure:
 
 
 def write_figures(runs, directory) -> list[Path]:
-    """Write, per run, NAME_knn and NAME_grad_first_last (plus knn_overlay for several runs)
-    as PNG and PDF into `directory`; returns the paths written. Runs without the data for
-    a figure are skipped."""
+    """Write, per run, NAME_knn and NAME_grad_first_last (plus knn_overlay for several runs,
+    and knn_seeds when some setting has several seeds) as PNG and PDF into `directory`;
+    returns the paths written. Runs without the data for a figure are skipped."""
     runs = list(runs)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -76,6 +107,9 @@ def write_figures(runs, directory) -> list[Path]:
             paths += save(first_last_plot(grad_norms, run.name), directory / f"{stem}_grad_first_last")
     if len(runs) > 1 and any(len(run.knn) for run in runs):
         paths += save(knn_plot(runs), directory / "knn_overlay")
+        labels = setting_labels(runs)
+        if len(set(labels)) < len(labels) and any("val" in knn_curves(run.knn) for run in runs):
+            paths += save(knn_seeds_plot(runs), directory / "knn_seeds")
     return paths
 
 

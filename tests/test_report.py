@@ -191,3 +191,21 @@ def test_report_modules_do_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_seed_band_figure_averages_the_seeds_of_each_setting(tmp_path):
+    from stabilitylab.figures import knn_seeds_plot, setting_labels
+
+    dirs = [bench.write_synthetic_run(tmp_path / f"{variant}_s{seed}", 5000, 3, seed=seed + 10 * i,
+                                      config={**bench.synthetic_config(patch_proj=variant), "seed": seed})
+            for i, variant in enumerate(["learned", "frozen"]) for seed in range(2)]
+    runs = sl.load_runs(dirs)
+    assert setting_labels(runs) == ["patch_proj=learned"] * 2 + ["patch_proj=frozen"] * 2
+    ax = knn_seeds_plot(runs).axes[0]
+    mean_line = next(line for line in ax.get_lines() if line.get_label().startswith("patch_proj=learned"))
+    vals = [r.knn[r.knn["source"] == "val"].set_index("step")["top1"] * 100 for r in runs[:2]]
+    expected = (vals[0] + vals[1]).dropna() / 2
+    np.testing.assert_allclose(mean_line.get_ydata(), expected.to_numpy())
+    assert mean_line.get_label() == "patch_proj=learned (n=2)"
+    names = {p.name for p in write_figures(runs, tmp_path / "figures")}
+    assert {"knn_seeds.png", "knn_seeds.pdf"} <= names
