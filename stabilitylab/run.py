@@ -227,3 +227,26 @@ def expand_run_paths(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> 
 def load_runs(paths, *, lenient: bool = False) -> list[Run]:
     """Several runs from a list of paths, a glob, or a sweep folder."""
     return [Run(p, lenient=lenient) for p in expand_run_paths(paths)]
+
+
+def concat_runs(runs, table: str = "steps", *, config_keys: list[str] | None = None) -> pd.DataFrame:
+    """One long frame of `table` over several runs: a whole sweep as one DataFrame.
+
+    Each run's rows get a `run` column (its name) and one column per dotted config key in
+    `config_keys`; default: every key whose value differs between the runs (e.g.
+    `model.patch_proj`, `optim.base_lr`, `seed`), so that
+    ``concat_runs(load_runs("runs/s4"), "knn").groupby(["model.patch_proj", "step"]).top1.mean()``
+    averages seeds.
+    """
+    runs = list(runs)
+    config = pd.json_normalize([run.config or {} for run in runs], sep=".")
+    if config_keys is None:
+        config_keys = [c for c in config.columns if config[c].astype(str).nunique() > 1]
+    frames = []
+    for i, run in enumerate(runs):
+        frame = run.table(table)
+        frame.insert(0, "run", run.name)
+        for key in config_keys:
+            frame[key] = config.at[i, key] if key in config else None
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", *config_keys])

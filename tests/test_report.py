@@ -209,3 +209,17 @@ def test_seed_band_figure_averages_the_seeds_of_each_setting(tmp_path):
     assert mean_line.get_label() == "patch_proj=learned (n=2)"
     names = {p.name for p in write_figures(runs, tmp_path / "figures")}
     assert {"knn_seeds.png", "knn_seeds.pdf"} <= names
+
+
+def test_a_sweep_concatenates_into_one_frame_with_its_settings(grid_dirs):
+    runs = sl.load_runs(grid_dirs)
+    knn = sl.concat_runs(runs, "knn")
+    assert len(knn) == sum(len(r.knn) for r in runs)
+    assert list(knn.columns[:1]) == ["run"] and {"model.patch_proj", "optim.base_lr"} <= set(knn.columns)
+    for run in runs:
+        rows = knn[knn["run"] == run.name]
+        np.testing.assert_array_equal(rows["top1"].to_numpy(), run.knn["top1"].to_numpy())
+        assert set(rows["model.patch_proj"]) == {run.config["model"]["patch_proj"]}
+        assert set(rows["optim.base_lr"]) == {run.config["optim"]["base_lr"]}
+    mean = knn.groupby("model.patch_proj")["top1"].mean()
+    assert mean["frozen"] == pytest.approx(pd.concat([r.knn["top1"] for r in runs[2:]]).mean())
