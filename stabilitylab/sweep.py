@@ -177,9 +177,13 @@ def _run_all(runs: list[SweepRun], config: str | None, launcher: str, jobs: int)
 
 
 def _print_comparison(runs: list[SweepRun]) -> None:
-    from analysis import compare_runs
+    from analysis import compare_runs, seed_spread
     from stabilitylab.run import Run, is_run_dir
 
     loaded = [Run(r.path) for r in runs if is_run_dir(r.path)]
     if loaded:
-        print(compare_runs(loaded).to_string(index=False))
+        table = compare_runs(loaded)
+        print(table.to_string(index=False))
+        if "seed" in table:
+            print("\nmean and standard deviation over seeds:")
+            print(seed_spread(table).to_string(index=False))

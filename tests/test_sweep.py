@@ -80,3 +80,23 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path, capsys):
     assert (out / "patch_proj=learned_seed0" / "meta.json").stat().st_mtime == learned_mtime
     assert "resumed" in set(sl.load_run(frozen).events["kind"])
     assert sl.load_run(frozen).meta["status"] == "finished"
+
+
+def test_comparison_adds_the_seed_spread_when_there_are_seeds(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from stabilitylab.sweep import SweepRun, _print_comparison
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_report.py"
+    spec = importlib.util.spec_from_file_location("bench_report", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = [SweepRun(f"s{seed}", [], bench.write_synthetic_run(
+        tmp_path / f"s{seed}", 3000, 3, seed=seed, config={**bench.synthetic_config(), "seed": seed}))
+        for seed in range(3)]
+    _print_comparison(runs)
+    out = capsys.readouterr().out
+    assert "mean and standard deviation over seeds" in out
+    spread = out.split("over seeds:")[1].splitlines()
+    assert "n_seeds" in spread[1] and spread[2].split()[1] == "3"
