@@ -3,9 +3,9 @@
 usage: python experiments/findings_tables.py [OUT_DIR]   (default runs/findings)
 
 Per sweep: mean +- sd over seeds of the kNN and gradient-excursion metrics (S0, S1, S4, S6);
-frozen - learned final kNN per lr with its standard error (S2); the lead-lag test of every
-learned-projection run at the default spike threshold and at a looser exploratory one (S3).
-Sweeps not run yet are skipped.
+frozen - learned final kNN per lr with its standard error (S2); the lead-lag test of each
+setting, its seeds pooled, under three spike rules (S3); every >=10x spike (S0).
+Only finished runs count; sweeps with none are skipped.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import compare_runs, find_spikes, seed_spread, spike_lead_lag
+from analysis.spikes import DEFAULTS, causal_median
 from stabilitylab.run import is_run_dir, load_runs
 
 # sweep folder -> the config keys that name its settings
@@ -23,7 +24,11 @@ SWEEPS = {"variants_lr1e-1": ["model.patch_proj", "optim.base_lr"],
           "variants_lr1e-2": ["model.patch_proj", "optim.base_lr"],
           "clip_lr1e-1": ["model.patch_proj_clip", "optim.base_lr"],
           "lamb": ["optim.name", "optim.base_lr"]}
-EXPLORATORY_Z = 4.0
+# spike rules of the lead-lag test: the default robust z, and the paper-style ratio at two levels
+SPIKE_RULES = {"mad z≥6": dict(method="mad", threshold=6.0), "ratio ≥10×": dict(method="ratio", threshold=10.0),
+               "ratio ≥5×": dict(method="ratio", threshold=5.0)}
+MAX_LAG = 30  # steps: the paper's caption says "tens of iterations", its text "a couple"
+SEED_OFFSET = 100_000
 
 
 def pm(mean, std, scale=1.0, digits=1) -> str:
@@ -65,30 +70,56 @@ def frozen_gain(tables: list[pd.DataFrame]) -> str:
     return "\n".join(rows)
 
 
-def lead_lag_table(runs) -> str:
-    rows = ["| run | z | first-layer events | last-block events | matched | first leads | median lag | xcorr lag | p |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for run in runs:
-        if (run.config or {}).get("model", {}).get("patch_proj") == "frozen" or not len(run.layers):
+def pooled(runs, **spike_kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The seeds' gradient norms end to end (steps offset by SEED_OFFSET per run) and their
+    spike events, found in each run on its own (own warmup and baseline), for a pooled
+    lead-lag test whose circular shifts mix the seeds."""
+    norms, events = [], []
+    for i, run in enumerate(runs):
+        run_norms = run.grad_norms()
+        run_events = find_spikes(run_norms, **spike_kwargs)
+        for column in ("step", "peak_step", "end_step"):
+            run_events[column] += i * SEED_OFFSET
+        run_norms.index = run_norms.index + i * SEED_OFFSET
+        norms.append(run_norms)
+        events.append(run_events)
+    return pd.concat(norms), pd.concat(events, ignore_index=True)
+
+
+def lead_lag_table(settings: dict) -> str:
+    rows = [f"| setting | runs | spike rule | first-layer events | last-block events | matched within {MAX_LAG} | "
+            "first leads | median lag | xcorr lag | p |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for setting, runs in settings.items():
+        runs = [r for r in runs if len(r.layers) and "patch_embed" in r.grad_norms().columns]
+        if not runs:
             continue
-        for z in (6.0, EXPLORATORY_Z):
-            ll = spike_lead_lag(run.grad_norms(), threshold=z)
+        for label, kwargs in SPIKE_RULES.items():
+            norms, events = pooled(runs, **kwargs)
+            ll = spike_lead_lag(norms, max_lag=MAX_LAG, events=events)
             r = ll.per_layer.set_index("layer").loc[ll.last]
-            rows.append(f"| {run.path.parent.name}/{run.name} | {z:g} | {r.n_first_events:.0f} | "
-                        f"{r.n_layer_events:.0f} | {r.n_matched:.0f} | "
+            rows.append(f"| {setting} | {len(runs)} | {label} | {r.n_first_events:.0f} | {r.n_layer_events:.0f} | "
+                        f"{r.n_matched:.0f} | "
                         f"{'—' if pd.isna(r.frac_first_leads) else f'{r.frac_first_leads:.2f}'} | "
                         f"{'—' if pd.isna(r.median_lag) else f'{r.median_lag:+.0f}'} | {r.xcorr_lag:+.0f} | "
                         f"{'—' if pd.isna(r.p_value) else f'{r.p_value:.3f}'} |")
     return "\n".join(rows)
 
 
-def ten_x_events(runs) -> str:
-    """Every spike of >= 10x its running median (method 'ratio'), any layer, any run."""
-    rows = ["| run | layer | step | norm / running median |", "|---|---|---|---|"]
+def ten_x_events(runs, max_lag=10) -> str:
+    """Every spike of >= 10x its running median (method 'ratio'), any layer, any run, with
+    the largest ratio the last block reaches from that step to `max_lag` steps later."""
+    rows = [f"| run | layer | step | norm / running median | last block's largest ratio in +0..+{max_lag} (lag) |",
+            "|---|---|---|---|---|"]
     for run in runs:
-        if len(run.layers):
-            for e in find_spikes(run.grad_norms(), method="ratio").itertuples():
-                rows.append(f"| {run.path.parent.name}/{run.name} | {e.layer} | {e.peak_step} | {e.score:.1f} |")
+        if not len(run.layers):
+            continue
+        norms = run.grad_norms()
+        last = [c for c in norms.columns if str(c).startswith("blocks.")][-1]
+        ratio = norms[last] / causal_median(norms[last].to_numpy(), DEFAULTS["ratio"][0])
+        for e in find_spikes(norms, method="ratio").itertuples():
+            after = ratio.loc[e.peak_step:e.peak_step + max_lag]
+            rows.append(f"| {run.path.parent.name}/{run.name} | {e.layer} | {e.peak_step} | {e.score:.1f} | "
+                        f"{after.max():.1f} (+{after.idxmax() - e.peak_step}) |")
     return "\n".join(rows)
 
 
@@ -96,20 +127,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default="runs/findings")
     args = parser.parse_args(argv)
-    variant_tables, all_runs = [], []
+    variant_tables, all_runs, settings = [], [], {}
     for sweep, by in SWEEPS.items():
         folder = Path(args.out) / sweep
         if not folder.is_dir() or not any(is_run_dir(p) for p in folder.iterdir()):
             continue
-        runs = load_runs([folder])
+        runs = [run for run in load_runs([folder]) if run.meta.get("status") == "finished"]
+        if not runs:
+            continue
         all_runs += runs
         table = compare_runs(runs, by=by)
+        for run, (_, row) in zip(runs, table.iterrows()):
+            label = ", ".join(f"{k.split('.')[-1]}={row[k]}" for k in by if k in row)
+            settings.setdefault(f"{sweep}: {label}", []).append(run)
         if sweep.startswith("variants"):
             variant_tables.append(table)
         print(f"### {sweep} ({len(runs)} runs)\n\n{spread_table(table, by)}\n")
     if variant_tables:
         print(f"### S2: frozen vs learned\n\n{frozen_gain(variant_tables)}\n")
-    print(f"### S3: lead-lag, first layer vs last block\n\n{lead_lag_table(all_runs)}\n")
+    print(f"### S3: lead-lag, first layer vs last block\n\n{lead_lag_table(settings)}\n")
     print(f"### S0: gradient spikes >= 10x the running median, any layer, {len(all_runs)} runs\n\n"
           f"{ten_x_events(all_runs)}")
     return 0

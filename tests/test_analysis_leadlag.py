@@ -43,6 +43,19 @@ def test_first_layer_leading_by_a_known_lag():
     assert (m["layer_step"] - m["first_step"] == m["lag"]).all() and (m["lag"] == 3 * DT).all()
 
 
+def test_precomputed_events_replace_detection():
+    rows = event_rows(60, seed=1)
+    frame = norms(rows, rows + 3)
+    found = spike_lead_lag(frame, last="predictor")
+    same = spike_lead_lag(frame, last="predictor", events=found.events)
+    pd.testing.assert_frame_equal(same.per_layer, found.per_layer)
+    # keep only the first 20 first-layer events: only their partners can be matched
+    first = found.events[found.events["layer"] == "patch_embed"]
+    kept = pd.concat([first.iloc[:20], found.events[found.events["layer"] != "patch_embed"]])
+    fewer = spike_lead_lag(frame, last="predictor", events=kept).per_layer.set_index("layer").loc["predictor"]
+    assert fewer.n_first_events == 20 and fewer.n_matched == 20 and fewer.median_lag == 3 * DT
+
+
 def test_swapping_the_layers_flips_the_lag():
     rows = event_rows(60, seed=1)
     result = spike_lead_lag(norms(rows, rows + 3), first="predictor", layers=["patch_embed"])
