@@ -105,20 +105,37 @@ def lead_lag_table(settings: dict) -> str:
     return "\n".join(rows)
 
 
-def ten_x_events(runs, max_lag=10) -> str:
-    """Every spike of >= 10x its running median (method 'ratio'), any layer, any run, with
-    the largest ratio the last block reaches from that step to `max_lag` steps later."""
-    rows = [f"| run | layer | step | norm / running median | last block's largest ratio in +0..+{max_lag} (lag) |",
-            "|---|---|---|---|---|"]
+def ten_x_counts(settings: dict) -> str:
+    """Spikes of >= 10x the running median (method 'ratio') per layer, summed over each
+    setting's seeds, with the largest ratio seen."""
+    counts = {}
+    columns = [list(map(str, r.grad_norms().columns)) for runs in settings.values() for r in runs if len(r.layers)]
+    order = max(columns, key=len, default=[])  # model order, from a run that logs every layer
+    for setting, runs in settings.items():
+        events = pd.concat([find_spikes(r.grad_norms(), method="ratio") for r in runs if len(r.layers)],
+                           ignore_index=True)
+        events["layer"] = events["layer"].astype(str)
+        counts[f"{setting} ({len(runs)})"] = {
+            layer: f"{len(g)} ({g['score'].max():.0f}×)" for layer, g in events.groupby("layer")}
+    table = pd.DataFrame(counts).T
+    table = table.reindex(columns=[c for c in order if c in table.columns]).fillna("0")
+    return "| setting (runs) | " + " | ".join(table.columns) + " |\n|" + "---|" * (len(table.columns) + 1) + "\n" + \
+        "\n".join(f"| {name} | " + " | ".join(row) + " |" for name, row in table.iterrows())
+
+
+def first_layer_spikes(runs, max_lag=10) -> str:
+    """Every first-layer spike of >= 10x its running median, with the largest ratio the
+    last block reaches from that step to `max_lag` steps later."""
+    rows = [f"| run | step | patch_embed norm / running median | last block's largest ratio in +0..+{max_lag} (lag) |",
+            "|---|---|---|---|"]
     for run in runs:
-        if not len(run.layers):
+        if not len(run.layers) or "patch_embed" not in (norms := run.grad_norms()).columns:
             continue
-        norms = run.grad_norms()
         last = [c for c in norms.columns if str(c).startswith("blocks.")][-1]
         ratio = norms[last] / causal_median(norms[last].to_numpy(), DEFAULTS["ratio"][0])
-        for e in find_spikes(norms, method="ratio").itertuples():
+        for e in find_spikes(norms["patch_embed"], method="ratio").itertuples():
             after = ratio.loc[e.peak_step:e.peak_step + max_lag]
-            rows.append(f"| {run.path.parent.name}/{run.name} | {e.layer} | {e.peak_step} | {e.score:.1f} | "
+            rows.append(f"| {run.path.parent.name}/{run.name} | {e.peak_step} | {e.score:.1f} | "
                         f"{after.max():.1f} (+{after.idxmax() - e.peak_step}) |")
     return "\n".join(rows)
 
@@ -146,8 +163,9 @@ def main(argv=None) -> int:
     if variant_tables:
         print(f"### S2: frozen vs learned\n\n{frozen_gain(variant_tables)}\n")
     print(f"### S3: lead-lag, first layer vs last block\n\n{lead_lag_table(settings)}\n")
-    print(f"### S0: gradient spikes >= 10x the running median, any layer, {len(all_runs)} runs\n\n"
-          f"{ten_x_events(all_runs)}")
+    print(f"### S0: gradient spikes >= 10x the running median per layer (count, largest)\n\n"
+          f"{ten_x_counts(settings)}\n")
+    print(f"### S0/S3: first-layer spikes >= 10x and the last block after them\n\n{first_layer_spikes(all_runs)}")
     return 0
 
 
