@@ -44,13 +44,13 @@ def figure6_table(compare_df: pd.DataFrame, variant="model.patch_proj", lr="opti
 def seed_spread(compare_df: pd.DataFrame, *, seed="seed", metrics=None) -> pd.DataFrame:
     """Mean, standard deviation and count over seeds of each setting of `compare_runs` output.
 
-    A setting is one combination of the config columns other than `seed` (the columns
-    between "run" and the metrics). Columns: the setting's config values, n_seeds, then
+    A setting is one combination of the config columns: every column but "run", `seed`,
+    the METRICS and `metrics` (which may name extra columns added to the frame). Columns: the setting's config values, n_seeds, then
     METRIC_mean and METRIC_std for each of `metrics` (default SPREAD_METRICS present in
     the frame). std is the sample standard deviation (NaN for a single seed).
     """
     metrics = [m for m in (SPREAD_METRICS if metrics is None else metrics) if m in compare_df]
-    config = [c for c in compare_df.columns if c not in {"run", seed, *METRICS}]
+    config = [c for c in compare_df.columns if c not in {"run", seed, *METRICS, *metrics}]
     frame = compare_df.copy()
     for c in config:  # group on printable values: lists / None would not group
         frame[c] = frame[c].astype(str)

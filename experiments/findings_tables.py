@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import compare_runs, find_spikes, seed_spread, spike_lead_lag
+from analysis import binomial_noise, compare_runs, find_spikes, knn_curves, seed_spread, spike_lead_lag
 from analysis.spikes import DEFAULTS, causal_median
 from stabilitylab.run import is_run_dir, load_runs
 
 # sweep folder -> the config keys that name its settings
 SWEEPS = {"variants_lr1e-1": ["model.patch_proj", "optim.base_lr"],
           "variants_lr1e-2": ["model.patch_proj", "optim.base_lr"],
+          "variants_lr3e-1": ["model.patch_proj", "optim.base_lr"],
           "clip_lr1e-1": ["model.patch_proj_clip", "optim.base_lr"],
           "lamb": ["optim.name", "optim.base_lr"]}
 # spike rules of the lead-lag test: the default robust z, and the paper-style ratio at two levels
@@ -38,18 +39,29 @@ def pm(mean, std, scale=1.0, digits=1) -> str:
     return text if pd.isna(std) else f"{text} ± {scale * std:.{digits}f}"
 
 
+def drawdown_noise(run) -> float:
+    """Largest fall of the fresh-bank kNN below its best so far, in units of one
+    evaluation's binomial noise at that accuracy and query count."""
+    curve = knn_curves(run.knn).get("val")
+    if curve is None or len(curve) < 2:
+        return float("nan")
+    fall = curve["top1"].cummax() - curve["top1"]
+    return float((fall / binomial_noise(curve["top1"], curve["n_queries"])).max())
+
+
 def spread_table(table: pd.DataFrame, by: list[str]) -> str:
-    spread = seed_spread(table)
+    spread = seed_spread(table, metrics=["final_top1", "best_top1", "n_dips", "drawdown_noise", "roughness",
+                                         "first_peak_ratio", "last_peak_ratio"])
     config = [c for c in spread.columns if c in by]
     rows = ["| " + " | ".join([c.split(".")[-1] for c in config] + [
-        "seeds", "final kNN %", "best kNN %", "dips", "deepest dip (pts)", "roughness (pts)",
+        "seeds", "final kNN %", "best kNN %", "dips", "largest fall (σ)", "roughness (pts)",
         "first-layer peak / median", "last-block peak / median"]) + " |",
             "|" + "---|" * (len(config) + 8)]
     for _, r in spread.iterrows():
         rows.append("| " + " | ".join([str(r[c]) for c in config] + [
             str(r["n_seeds"]), pm(r.final_top1_mean, r.final_top1_std, 100),
             pm(r.best_top1_mean, r.best_top1_std, 100), pm(r.n_dips_mean, r.n_dips_std),
-            pm(r.deepest_dip_mean, r.deepest_dip_std, 100), pm(r.roughness_mean, r.roughness_std, 100),
+            pm(r.drawdown_noise_mean, r.drawdown_noise_std), pm(r.roughness_mean, r.roughness_std, 100),
             pm(r.first_peak_ratio_mean, r.first_peak_ratio_std), pm(r.last_peak_ratio_mean, r.last_peak_ratio_std)])
             + " |")
     return "\n".join(rows)
@@ -154,6 +166,7 @@ def main(argv=None) -> int:
             continue
         all_runs += runs
         table = compare_runs(runs, by=by)
+        table["drawdown_noise"] = [drawdown_noise(run) for run in runs]
         for run, (_, row) in zip(runs, table.iterrows()):
             label = ", ".join(f"{k.split('.')[-1]}={row[k]}" for k in by if k in row)
             settings.setdefault(f"{sweep}: {label}", []).append(run)

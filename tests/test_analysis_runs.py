@@ -145,3 +145,6 @@ def test_seed_spread_against_numpy():
     assert row["final_top1_mean"] == pytest.approx(top1.mean())
     assert row["final_top1_std"] == pytest.approx(top1.std(ddof=1))
     assert "seed" not in spread and "roughness_std" in spread
+    table["extra"] = np.arange(len(table))  # a metric of the caller's own
+    extra = seed_spread(table, metrics=["extra"])
+    assert len(extra) == 4 and list(extra["extra_mean"]) == [1.0, 4.0, 7.0, 10.0]
