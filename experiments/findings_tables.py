@@ -53,7 +53,7 @@ def spread_table(table: pd.DataFrame, by: list[str]) -> str:
     spread = seed_spread(table, metrics=["final_top1", "best_top1", "n_dips", "drawdown_noise", "roughness",
                                          "first_peak_ratio", "last_peak_ratio"])
     config = [c for c in spread.columns if c in by]
-    rows = ["| " + " | ".join([c.split(".")[-1] for c in config] + [
+    rows = ["| " + " | ".join([{"optim.name": "optimizer"}.get(c, c.split(".")[-1]) for c in config] + [
         "seeds", "final kNN %", "best kNN %", "dips", "largest fall (σ)", "roughness (pts)",
         "first-layer peak / median", "last-block peak / median"]) + " |",
             "|" + "---|" * (len(config) + 8)]

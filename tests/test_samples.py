@@ -26,3 +26,26 @@ def test_sample_runs_form_the_figure6_grid():
     table = figure6_table(compare_runs(sl.load_runs(SAMPLES)))
     assert table.shape == (2, 2)
     assert list(table.index) == ["frozen", "learned"]
+
+
+def test_findings_runs_rebuild_the_findings_tables(capsys):
+    """docs/findings.md says its tables come from `experiments/findings_tables.py` on the
+    committed runs: check that they load and give the page's headline numbers."""
+    import importlib.util
+
+    path = SAMPLES.parents[1] / "experiments" / "findings_tables.py"
+    spec = importlib.util.spec_from_file_location("findings_tables", path)
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    assert tables.main([str(SAMPLES / "findings")]) == 0
+    out = capsys.readouterr().out
+    runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
+    assert len(runs) == 26 and all(r.meta["status"] == "finished" for r in runs)
+    # ≥10x spikes of the patch projection, learned, base lr 1e-1: 5, the largest 27x
+    learned = next(line for line in out.splitlines()
+                   if line.startswith("| variants_lr1e-1: patch_proj=learned, base_lr=0.1 (3) |"))
+    assert learned.split("|")[2].strip() == "5 (27×)"
+    # clipping at 1 acts only at the step-71 spike: identical to learned seed 0 until then
+    clip = sl.load_run(SAMPLES / "findings" / "clip_lr1e-1" / "patch_proj_clip=1_seed0").steps["loss"]
+    plain = sl.load_run(SAMPLES / "findings" / "variants_lr1e-1" / "patch_proj=learned_seed0").steps["loss"]
+    assert (clip[:72] == plain[:72]).all() and (clip[72:80] != plain[72:80]).any()
