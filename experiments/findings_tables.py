@@ -25,6 +25,7 @@ SWEEPS = {"variants_lr1e-1": ["model.patch_proj", "optim.base_lr"],
           "variants_lr3e-1": ["model.patch_proj", "optim.base_lr"],
           "clip_lr1e-1": ["model.patch_proj_clip", "optim.base_lr"],
           "lamb": ["optim.name", "optim.base_lr"]}
+SHORT = {"optim.name": "optimizer"}  # column names where the key's last part says too little
 # spike rules of the lead-lag test: the default robust z, and the paper-style ratio at two levels
 SPIKE_RULES = {"mad z≥6": dict(method="mad", threshold=6.0), "ratio ≥10×": dict(method="ratio", threshold=10.0),
                "ratio ≥5×": dict(method="ratio", threshold=5.0)}
@@ -53,7 +54,7 @@ def spread_table(table: pd.DataFrame, by: list[str]) -> str:
     spread = seed_spread(table, metrics=["final_top1", "best_top1", "n_dips", "drawdown_noise", "roughness",
                                          "first_peak_ratio", "last_peak_ratio"])
     config = [c for c in spread.columns if c in by]
-    rows = ["| " + " | ".join([{"optim.name": "optimizer"}.get(c, c.split(".")[-1]) for c in config] + [
+    rows = ["| " + " | ".join([SHORT.get(c, c.split(".")[-1]) for c in config] + [
         "seeds", "final kNN %", "best kNN %", "dips", "largest fall (σ)", "roughness (pts)",
         "first-layer peak / median", "last-block peak / median"]) + " |",
             "|" + "---|" * (len(config) + 8)]
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
         table = compare_runs(runs, by=by)
         table["drawdown_noise"] = [drawdown_noise(run) for run in runs]
         for run, (_, row) in zip(runs, table.iterrows()):
-            label = ", ".join(f"{k.split('.')[-1]}={row[k]}" for k in by if k in row)
+            label = ", ".join(f"{SHORT.get(k, k.split('.')[-1])}={row[k]}" for k in by if k in row)
             settings.setdefault(f"{sweep}: {label}", []).append(run)
         if sweep.startswith("variants"):
             variant_tables.append(table)
