@@ -40,7 +40,7 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     assert tables.main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 26 and all(r.meta["status"] == "finished" for r in runs)
+    assert len(runs) == 32 and all(r.meta["status"] == "finished" for r in runs)
     # ≥10x spikes of the patch projection, learned, base lr 1e-1: 5, the largest 27x
     learned = next(line for line in out.splitlines()
                    if line.startswith("| variants_lr1e-1: patch_proj=learned, base_lr=0.1 (3) |"))
