@@ -11,6 +11,17 @@ SPREAD_METRICS = ["final_top1", "best_top1", "n_dips", "deepest_dip", "roughness
                   "last_peak_ratio", "final_loss"]
 
 
+def config_table(runs) -> pd.DataFrame:
+    """Each run's config flattened to dotted columns ("optim.base_lr"), one row per run."""
+    return pd.json_normalize([run.config or {} for run in runs], sep=".")
+
+
+def varied_keys(config: pd.DataFrame, *, exclude=()) -> list[str]:
+    """The columns of a `config_table` whose value differs between the runs (compared as
+    text, so lists and None count), minus `exclude`."""
+    return [c for c in config.columns if c not in exclude and config[c].astype(str).nunique() > 1]
+
+
 def compare_runs(runs, *, by="model.patch_proj", **summary_kwargs) -> pd.DataFrame:
     """One row per run: its name, the config values that tell runs apart, and its metrics.
 
@@ -25,9 +36,8 @@ def compare_runs(runs, *, by="model.patch_proj", **summary_kwargs) -> pd.DataFra
     """
     runs = list(runs)
     by = [by] if isinstance(by, str) else list(by)
-    config = pd.json_normalize([r.config or {} for r in runs], sep=".")
-    varied = [c for c in config.columns if c not in by and config[c].astype(str).nunique() > 1]
-    config = config.reindex(columns=by + varied)
+    config = config_table(runs)
+    config = config.reindex(columns=by + varied_keys(config, exclude=by))
     metrics = pd.DataFrame([summarize_run(r, **summary_kwargs) for r in runs]).reindex(columns=METRICS)
     return pd.concat([pd.DataFrame({"run": [r.name for r in runs]}), config, metrics], axis=1)
 
@@ -45,9 +55,10 @@ def seed_spread(compare_df: pd.DataFrame, *, seed="seed", metrics=None) -> pd.Da
     """Mean, standard deviation and count over seeds of each setting of `compare_runs` output.
 
     A setting is one combination of the config columns: every column but "run", `seed`,
-    the METRICS and `metrics` (which may name extra columns added to the frame). Columns: the setting's config values, n_seeds, then
-    METRIC_mean and METRIC_std for each of `metrics` (default SPREAD_METRICS present in
-    the frame). std is the sample standard deviation (NaN for a single seed).
+    the METRICS and `metrics` (which may name extra columns added to the frame). Columns:
+    the setting's config values, n_seeds, then METRIC_mean and METRIC_std for each of
+    `metrics` (default SPREAD_METRICS present in the frame). std is the sample standard
+    deviation (NaN for a single seed).
     """
     metrics = [m for m in (SPREAD_METRICS if metrics is None else metrics) if m in compare_df]
     config = [c for c in compare_df.columns if c not in {"run", seed, *METRICS, *metrics}]

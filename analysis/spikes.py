@@ -89,7 +89,7 @@ def find_spikes(values, *, method="mad", window=None, threshold=None, warmup=WAR
     default_window, default_threshold = DEFAULTS[method]
     window = window or default_window
     threshold = default_threshold if threshold is None else threshold
-    frame = values.to_frame("value" if values.name is None else values.name) if isinstance(values, pd.Series) else values
+    frame = _as_frame(values)
     events = []
     for layer in frame.columns:
         x = frame[layer].astype(float)
@@ -112,14 +112,21 @@ def peak_ratio(values, *, window=DEFAULTS["ratio"][0], warmup=WARMUP) -> pd.Seri
     skipped, but no threshold: the answer to "how big was the largest excursion?" even in a
     run with no spikes. NaN for a series shorter than warmup + 1.
     """
-    frame = values.to_frame("value" if values.name is None else values.name) if isinstance(values, pd.Series) else values
+    frame = _as_frame(values)
     out = {}
     for layer in frame.columns:
         x = frame[layer].astype(float).to_numpy()
         x = x[np.isfinite(x) & (x > 0)]
-        ratio = x / causal_median(x, window)
+        _, ratio = _score(x, "ratio", window)
         out[layer] = np.nanmax(ratio[warmup:]) if len(x) > warmup else np.nan
     return pd.Series(out, dtype=float)
+
+
+def _as_frame(values) -> pd.DataFrame:
+    """A wide frame as is; a Series as a one-column frame named after it ("value" if unnamed)."""
+    if isinstance(values, pd.Series):
+        return values.to_frame("value" if values.name is None else values.name)
+    return values
 
 
 def _events(layer, x: pd.Series, baseline, score, pos) -> pd.DataFrame:

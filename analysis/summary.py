@@ -8,7 +8,7 @@ import pandas as pd
 
 from .dips import find_knn_dips, knn_curves
 from .leadlag import spike_lead_lag
-from .spikes import find_spikes, peak_ratio
+from .spikes import WARMUP, find_spikes, peak_ratio
 
 FINAL_LOSS_STEPS = 100
 DIP_FIELDS = ["source", "start_step", "bottom_step", "end_step", "peak", "bottom", "depth",
@@ -81,7 +81,7 @@ def _spike_summary(run, first: str, spike_kwargs: dict, notes: list) -> dict:
         notes.append("no per-layer gradient norms")
         return dict(spikes={}, n_first_layer_spikes=None, first_peak_ratio=None, last_peak_ratio=None,
                     first_leads_frac=None, lead_lag=None)
-    ratios = peak_ratio(grad_norms, **{k: v for k, v in spike_kwargs.items() if k == "warmup"})
+    ratios = peak_ratio(grad_norms, warmup=spike_kwargs.get("warmup", WARMUP))
     if first not in grad_norms.columns:
         notes.append(f"{first} not logged: no lead-lag")
         events = find_spikes(grad_norms, **spike_kwargs)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import find_knn_dips, knn_curves
+from analysis import config_table, find_knn_dips, knn_curves, varied_keys
 from stabilitylab.plots import decimate, default_layers, relative_to_median
 
 FORMATS = ("png", "pdf")
@@ -49,8 +49,8 @@ def knn_plot(runs, dips: dict | None = None) -> Figure:
 def setting_labels(runs, seed_key="seed") -> list[str]:
     """One label per run naming the config values that differ between the runs, seed
     excluded, so that the seeds of one setting share a label ("all" when nothing differs)."""
-    config = pd.json_normalize([run.config or {} for run in runs], sep=".")
-    varied = [c for c in config.columns if c != seed_key and config[c].astype(str).nunique() > 1]
+    config = config_table(runs)
+    varied = varied_keys(config, exclude=[seed_key])
     return [", ".join(f"{c.split('.')[-1]}={row[c]}" for c in varied) or "all"
             for _, row in config.iterrows()]
 

@@ -238,10 +238,12 @@ def concat_runs(runs, table: str = "steps", *, config_keys: list[str] | None = N
     ``concat_runs(load_runs("runs/s4"), "knn").groupby(["model.patch_proj", "step"]).top1.mean()``
     averages seeds.
     """
+    from analysis import config_table, varied_keys  # lazily: `import stabilitylab` stays light
+
     runs = list(runs)
-    config = pd.json_normalize([run.config or {} for run in runs], sep=".")
+    config = config_table(runs)
     if config_keys is None:
-        config_keys = [c for c in config.columns if config[c].astype(str).nunique() > 1]
+        config_keys = varied_keys(config)
     frames = []
     for i, run in enumerate(runs):
         frame = run.table(table)
