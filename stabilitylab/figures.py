@@ -55,25 +55,43 @@ def setting_labels(runs, seed_key="seed") -> list[str]:
             for _, row in config.iterrows()]
 
 
-def knn_seeds_plot(runs, source="val") -> Figure:
+def knn_seeds_plot(runs, source="val", x=None) -> Figure:
     """kNN top-1 of each setting (see `setting_labels`): mean over its seeds as a line and
-    +-1 standard deviation as a band, at the steps every seed evaluated."""
+    +-1 standard deviation as a band, at the points every seed evaluated.
+
+    x: "step" or "epoch"; default "epoch" when the runs' steps per epoch differ (batch
+    sizes), so that their bands line up, else "step".
+    """
+    if x is None:
+        x = "epoch" if len({round(n) for n in map(steps_per_epoch, runs) if n}) > 1 else "step"
+    if x not in ("step", "epoch"):
+        raise ValueError(f"x must be 'step' or 'epoch', not {x!r}")
     fig = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.add_subplot()
     curves = {}
     for run, label in zip(runs, setting_labels(runs)):
         curve = knn_curves(run.knn).get(source)
         if curve is not None:
-            curves.setdefault(label, []).append(curve["top1"] * 100)
+            top1 = curve["top1"] * 100
+            if x == "epoch":
+                top1.index = curve["epoch"].round(6)
+            curves.setdefault(label, []).append(top1)
     for label, members in curves.items():
         table = pd.concat(members, axis=1, join="inner")
         mean, std = table.mean(axis=1), table.std(axis=1).fillna(0)
         line, = ax.plot(mean.index, mean.to_numpy(), lw=1.2, label=mpl_text(f"{label} (n={table.shape[1]})"))
         ax.fill_between(mean.index, (mean - std).to_numpy(), (mean + std).to_numpy(),
                         color=line.get_color(), alpha=0.2, lw=0)
-    ax.set(xlabel="step", ylabel=f"kNN top-1 ({source}, %)", title="mean and ±1 sd over seeds")
+    ax.set(xlabel=x, ylabel=f"kNN top-1 ({source}, %)", title="mean and ±1 sd over seeds")
     ax.legend(frameon=False, fontsize="small")
     return fig
+
+
+def steps_per_epoch(run) -> float | None:
+    """Optimizer steps per epoch of a run, read off its kNN rows (step + 1 over epoch)."""
+    rows = run.knn.dropna(subset=["epoch"]) if "epoch" in run.knn else run.knn.iloc[:0]
+    rows = rows[rows["epoch"] > 0]
+    return None if rows.empty else float(((rows["step"] + 1) / rows["epoch"]).median())
 
 
 def first_last_plot(grad_norms: pd.DataFrame, title: str = "") -> Figure:

@@ -211,6 +211,39 @@ def test_seed_band_figure_averages_the_seeds_of_each_setting(tmp_path):
     assert {"knn_seeds.png", "knn_seeds.pdf"} <= names
 
 
+def test_seed_bands_of_different_batch_sizes_line_up_by_epoch(tmp_path):
+    """A batch-512 run takes a quarter of the steps of a batch-128 run per epoch: its band
+    must sit at the same epochs, not squeezed into the first quarter of the step axis."""
+    from stabilitylab.figures import knn_seeds_plot, steps_per_epoch
+
+    dirs = []
+    for batch, per_epoch in [(128, 40), (512, 10)]:
+        for seed in range(2):
+            run_dir = tmp_path / f"b{batch}_s{seed}"
+            write_meta(run_dir, {"status": "finished", "seed": seed})
+            (run_dir / "config.yaml").write_text(yaml.safe_dump({"optim": {"batch_size": batch}, "seed": seed}))
+            writer = RunWriter(run_dir)
+            epochs = np.arange(1, 5)
+            writer.append("knn", {"step": epochs * per_epoch - 1, "epoch": epochs.astype(float),
+                                  "source": ["val"] * 4, "k": [20] * 4, "top1": 0.2 + 0.01 * epochs + 0.01 * seed,
+                                  "n_queries": [1000] * 4})
+            writer.close()
+            dirs.append(run_dir)
+    runs = sl.load_runs(dirs)
+    assert [steps_per_epoch(r) for r in runs] == [40, 40, 10, 10]
+    ax = knn_seeds_plot(runs).axes[0]  # the default when steps per epoch differ
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert ax.get_xlabel() == "epoch"
+    for label in ("batch_size=128 (n=2)", "batch_size=512 (n=2)"):
+        np.testing.assert_allclose(lines[label].get_xdata(), [1, 2, 3, 4])
+        np.testing.assert_allclose(lines[label].get_ydata(), 100 * (0.205 + 0.01 * np.arange(1, 5)))
+    by_step = knn_seeds_plot(runs, x="step").axes[0]
+    assert by_step.get_xlabel() == "step" and max(by_step.get_lines()[1].get_xdata()) == 39
+    assert knn_seeds_plot(runs[:2]).axes[0].get_xlabel() == "step"  # one batch size: steps
+    with pytest.raises(ValueError, match="'step' or 'epoch'"):
+        knn_seeds_plot(runs, x="time")
+
+
 def test_a_sweep_concatenates_into_one_frame_with_its_settings(grid_dirs):
     runs = sl.load_runs(grid_dirs)
     knn = sl.concat_runs(runs, "knn")
