@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CPU sweeps behind docs/findings.md (S0-S4, S6), in priority order: 32 runs, 5-8 min
-# each, about 2 hours in all on 2 cores. The committed copy is data_samples/runs/findings.
+# The CPU sweeps behind docs/findings.md (S0-S6), in priority order: 42 runs, 5-40 min
+# each, about 3.5 hours in all on 2 cores. The committed copy is data_samples/runs/findings.
 # usage: bash experiments/findings_cpu.sh [OUT_DIR]   (default runs/findings)
 # Tiny preset (ViT dim 128, depth 4, 8-px patches on 32-px images) on the committed
 # 5,000-image CIFAR-10 sample, batch 128, 8 epochs = 312 steps, fresh-bank kNN every half
@@ -27,3 +27,14 @@ stabilitylab sweep --out "$out/lamb" --grid optim.base_lr=1e-2,1e-1 \
 # S1 + S2 at a hotter lr still (peak 1.5e-1): learned vs frozen, 3 seeds
 stabilitylab sweep --out "$out/variants_lr3e-1" --grid model.patch_proj=learned,frozen \
     --seeds 3 optim.base_lr=3e-1 "${common[@]}"
+# S5 bigger batch at base lr 1e-2, lr scaled by the linear rule (peak 2e-2 and 4e-2), the same
+# 8 epochs (78 and 39 steps); batch 128 (peak 5e-3) is the learned half of variants_lr1e-2
+stabilitylab sweep --out "$out/batch_lr1e-2" --grid optim.batch_size=512,1024 \
+    --seeds 3 model.patch_proj=learned optim.base_lr=1e-2 "${common[@]}"
+# S5 at equal steps: batch 512 for 32 epochs = 312 steps, the length of the batch-128 runs
+stabilitylab sweep --out "$out/batch512_steps312" --grid optim.batch_size=512 --seeds 2 --jobs 2 \
+    model.patch_proj=learned optim.base_lr=1e-2 optim.epochs=32 optim.warmup_epochs=2 \
+    knn.full_every_epochs=2 log.progress=false
+# S5 at the hot base lr: batch 512 at peak lr 2e-1 (batch 128 at 5e-2 is in variants_lr1e-1)
+stabilitylab sweep --out "$out/batch_lr1e-1" --grid optim.batch_size=512 \
+    --seeds 2 model.patch_proj=learned optim.base_lr=1e-1 "${common[@]}"

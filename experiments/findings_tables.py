@@ -3,7 +3,8 @@
 usage: python experiments/findings_tables.py [OUT_DIR]   (default runs/findings)
 
 Per sweep: mean +- sd over seeds of the kNN and gradient-excursion metrics (S0, S1, S4, S6);
-frozen - learned final kNN per lr with its standard error (S2); the lead-lag test of each
+frozen - learned final kNN per lr with its standard error (S2); the batch sizes beside the
+batch-128 learned runs of the same base lr (S5); the lead-lag test of each
 setting, its seeds pooled, under three spike rules (S3); every >=10x spike (S0).
 Only finished runs count; sweeps with none are skipped.
 """
@@ -24,7 +25,13 @@ SWEEPS = {"variants_lr1e-1": ["model.patch_proj", "optim.base_lr"],
           "variants_lr1e-2": ["model.patch_proj", "optim.base_lr"],
           "variants_lr3e-1": ["model.patch_proj", "optim.base_lr"],
           "clip_lr1e-1": ["model.patch_proj_clip", "optim.base_lr"],
-          "lamb": ["optim.name", "optim.base_lr"]}
+          "lamb": ["optim.name", "optim.base_lr"],
+          "batch_lr1e-2": ["optim.batch_size", "optim.base_lr"],
+          "batch512_steps312": ["optim.batch_size", "optim.epochs", "optim.base_lr"],
+          "batch_lr1e-1": ["optim.batch_size", "optim.base_lr"]}
+# S5 sets the batch sweeps beside the batch-128 learned runs of the same base lrs
+BATCH_SWEEPS = ("batch_lr1e-2", "batch512_steps312", "batch_lr1e-1")
+BATCH_REFERENCES = ("variants_lr1e-2", "variants_lr1e-1")
 SHORT = {"optim.name": "optimizer"}  # column names where the key's last part says too little
 # spike rules of the lead-lag test: the default robust z, and the paper-style ratio at two levels
 SPIKE_RULES = {"mad z≥6": dict(method="mad", threshold=6.0), "ratio ≥10×": dict(method="ratio", threshold=10.0),
@@ -50,22 +57,39 @@ def drawdown_noise(run) -> float:
     return float((fall / binomial_noise(curve["top1"], curve["n_queries"])).max())
 
 
-def spread_table(table: pd.DataFrame, by: list[str]) -> str:
-    spread = seed_spread(table, metrics=["final_top1", "best_top1", "n_dips", "drawdown_noise", "roughness",
-                                         "first_peak_ratio", "last_peak_ratio"])
+def spread_table(table: pd.DataFrame, by: list[str], extra: dict | None = None) -> str:
+    """Mean +- sd over seeds per setting; `extra` maps more column titles to metric columns
+    of `table` (shown before the standard ones)."""
+    extra = extra or {}
+    spread = seed_spread(table, metrics=[*extra.values(), "final_top1", "best_top1", "n_dips", "drawdown_noise",
+                                         "roughness", "first_peak_ratio", "last_peak_ratio"])
     config = [c for c in spread.columns if c in by]
-    rows = ["| " + " | ".join([SHORT.get(c, c.split(".")[-1]) for c in config] + [
-        "seeds", "final kNN %", "best kNN %", "dips", "largest fall (σ)", "roughness (pts)",
+    rows = ["| " + " | ".join([SHORT.get(c, c.split(".")[-1]) for c in config] + ["seeds", *extra] + [
+        "final kNN %", "best kNN %", "dips", "largest fall (σ)", "roughness (pts)",
         "first-layer peak / median", "last-block peak / median"]) + " |",
-            "|" + "---|" * (len(config) + 8)]
+            "|" + "---|" * (len(config) + len(extra) + 8)]
     for _, r in spread.iterrows():
-        rows.append("| " + " | ".join([str(r[c]) for c in config] + [
-            str(r["n_seeds"]), pm(r.final_top1_mean, r.final_top1_std, 100),
+        rows.append("| " + " | ".join([str(r[c]) for c in config] + [str(r["n_seeds"])] + [
+            pm(r[f"{m}_mean"], r[f"{m}_std"] or float("nan"), digits=0) for m in extra.values()] + [
+            pm(r.final_top1_mean, r.final_top1_std, 100),
             pm(r.best_top1_mean, r.best_top1_std, 100), pm(r.n_dips_mean, r.n_dips_std),
             pm(r.drawdown_noise_mean, r.drawdown_noise_std), pm(r.roughness_mean, r.roughness_std, 100),
             pm(r.first_peak_ratio_mean, r.first_peak_ratio_std), pm(r.last_peak_ratio_mean, r.last_peak_ratio_std)])
             + " |")
     return "\n".join(rows)
+
+
+def batch_table(runs) -> str:
+    """S5: batch sizes per base lr (peak lr scaled by the linear rule) and epochs, with each
+    run's length in steps and its count of >= 10x spikes in any layer."""
+    by = ["optim.base_lr", "optim.batch_size", "optim.epochs"]
+    table = compare_runs(runs, by=by)
+    table["drawdown_noise"] = [drawdown_noise(run) for run in runs]
+    table["n_steps"] = [len(run.steps) for run in runs]
+    table["n_ten_x"] = [len(find_spikes(run.grad_norms(), method="ratio")) if len(run.layers) else 0
+                        for run in runs]
+    table = table.sort_values(by, kind="stable")
+    return spread_table(table, by, extra={"steps": "n_steps", "≥10× spikes": "n_ten_x"})
 
 
 def frozen_gain(tables: list[pd.DataFrame]) -> str:
@@ -157,7 +181,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default="runs/findings")
     args = parser.parse_args(argv)
-    variant_tables, all_runs, settings = [], [], {}
+    variant_tables, all_runs, settings, loaded = [], [], {}, {}
     for sweep, by in SWEEPS.items():
         folder = Path(args.out) / sweep
         if not folder.is_dir() or not any(is_run_dir(p) for p in folder.iterdir()):
@@ -166,6 +190,7 @@ def main(argv=None) -> int:
         if not runs:
             continue
         all_runs += runs
+        loaded[sweep] = runs
         table = compare_runs(runs, by=by)
         table["drawdown_noise"] = [drawdown_noise(run) for run in runs]
         for run, (_, row) in zip(runs, table.iterrows()):
@@ -176,6 +201,11 @@ def main(argv=None) -> int:
         print(f"### {sweep} ({len(runs)} runs)\n\n{spread_table(table, by)}\n")
     if variant_tables:
         print(f"### S2: frozen vs learned\n\n{frozen_gain(variant_tables)}\n")
+    batch_runs = [r for sweep in BATCH_SWEEPS for r in loaded.get(sweep, [])]
+    if batch_runs:
+        reference = [r for sweep in BATCH_REFERENCES for r in loaded.get(sweep, [])
+                     if r.config_value("model.patch_proj") == "learned"]
+        print(f"### S5: batch size per base lr (learned)\n\n{batch_table(reference + batch_runs)}\n")
     print(f"### S3: lead-lag, first layer vs last block\n\n{lead_lag_table(settings)}\n")
     print(f"### S0: gradient spikes >= 10x the running median per layer (count, largest)\n\n"
           f"{ten_x_counts(settings)}\n")
