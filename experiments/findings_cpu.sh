@@ -28,13 +28,13 @@ stabilitylab sweep --out "$out/lamb" --grid optim.base_lr=1e-2,1e-1 \
 stabilitylab sweep --out "$out/variants_lr3e-1" --grid model.patch_proj=learned,frozen \
     --seeds 3 optim.base_lr=3e-1 "${common[@]}"
 # S5 bigger batch at base lr 1e-2, lr scaled by the linear rule (peak 2e-2 and 4e-2), the same
-# 8 epochs (78 and 39 steps); batch 128 (peak 5e-3) is the learned half of variants_lr1e-2
+# 8 epochs (72 and 32 steps); batch 128 (peak 5e-3) is the learned half of variants_lr1e-2
 stabilitylab sweep --out "$out/batch_lr1e-2" --grid optim.batch_size=512,1024 \
     --seeds 3 model.patch_proj=learned optim.base_lr=1e-2 "${common[@]}"
-# S5 at equal steps: batch 512 for 32 epochs = 312 steps, the length of the batch-128 runs
-stabilitylab sweep --out "$out/batch512_steps312" --grid optim.batch_size=512 --seeds 2 --jobs 2 \
-    model.patch_proj=learned optim.base_lr=1e-2 optim.epochs=32 optim.warmup_epochs=2 \
-    knn.full_every_epochs=2 log.progress=false
-# S5 at the hot base lr: batch 512 at peak lr 2e-1 (batch 128 at 5e-2 is in variants_lr1e-1)
-stabilitylab sweep --out "$out/batch_lr1e-1" --grid optim.batch_size=512 \
-    --seeds 2 model.patch_proj=learned optim.base_lr=1e-1 "${common[@]}"
+# S5 at about equal steps: batch 512 for 35 epochs = 315 steps, as long as the batch-128 runs
+# (312), at the cool and the hot base lr (peak 2e-2 and 2e-1; batch 128 had 5e-3 and 5e-2)
+for lr in 1e-2 1e-1; do
+    stabilitylab sweep --out "$out/batch512_long_lr$lr" --grid optim.batch_size=512 --seeds 2 --jobs 2 \
+        model.patch_proj=learned optim.base_lr=$lr optim.epochs=35 optim.warmup_epochs=2 \
+        knn.full_every_epochs=2 log.progress=false
+done

@@ -17,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import binomial_noise, compare_runs, find_spikes, knn_curves, seed_spread, spike_lead_lag
-from analysis.spikes import DEFAULTS, causal_median
+from analysis.compare import METRICS
+from analysis.spikes import DEFAULTS, WARMUP, causal_median
 from stabilitylab.run import is_run_dir, load_runs
 
 # sweep folder -> the config keys that name its settings
@@ -27,10 +28,10 @@ SWEEPS = {"variants_lr1e-1": ["model.patch_proj", "optim.base_lr"],
           "clip_lr1e-1": ["model.patch_proj_clip", "optim.base_lr"],
           "lamb": ["optim.name", "optim.base_lr"],
           "batch_lr1e-2": ["optim.batch_size", "optim.base_lr"],
-          "batch512_steps312": ["optim.batch_size", "optim.epochs", "optim.base_lr"],
-          "batch_lr1e-1": ["optim.batch_size", "optim.base_lr"]}
+          "batch512_long_lr1e-2": ["optim.batch_size", "optim.epochs", "optim.base_lr"],
+          "batch512_long_lr1e-1": ["optim.batch_size", "optim.epochs", "optim.base_lr"]}
 # S5 sets the batch sweeps beside the batch-128 learned runs of the same base lrs
-BATCH_SWEEPS = ("batch_lr1e-2", "batch512_steps312", "batch_lr1e-1")
+BATCH_SWEEPS = ("batch_lr1e-2", "batch512_long_lr1e-2", "batch512_long_lr1e-1")
 BATCH_REFERENCES = ("variants_lr1e-2", "variants_lr1e-1")
 SHORT = {"optim.name": "optimizer"}  # column names where the key's last part says too little
 # spike rules of the lead-lag test: the default robust z, and the paper-style ratio at two levels
@@ -38,6 +39,25 @@ SPIKE_RULES = {"mad z≥6": dict(method="mad", threshold=6.0), "ratio ≥10×": 
                "ratio ≥5×": dict(method="ratio", threshold=5.0)}
 MAX_LAG = 30  # steps: the paper's caption says "tens of iterations", its text "a couple"
 SEED_OFFSET = 100_000
+REFERENCE_BATCH = 128  # the spike detectors' 50-step warm-up is meant at this batch size
+
+
+def spike_warmup(run) -> int:
+    """Steps a spike detector skips at the start of `run`: WARMUP at batch 128, the same
+    number of images (6,400, 1.3 epochs of the sample) at other batch sizes, so that a
+    32-step batch-1024 run is not all warm-up."""
+    return math.ceil(WARMUP * REFERENCE_BATCH / run.config_value("optim.batch_size", REFERENCE_BATCH))
+
+
+def run_table(runs, by: list[str]) -> pd.DataFrame:
+    """`compare_runs` with each run's spike metrics at its own `spike_warmup`, plus the
+    kNN drawdown in noise units."""
+    table = compare_runs(runs, by=by)
+    for i, run in enumerate(runs):
+        if spike_warmup(run) != WARMUP:
+            table.loc[i, METRICS] = compare_runs([run], by=by, warmup=spike_warmup(run))[METRICS].iloc[0]
+    table["drawdown_noise"] = [drawdown_noise(run) for run in runs]
+    return table
 
 
 def pm(mean, std, scale=1.0, digits=1) -> str:
@@ -83,11 +103,10 @@ def batch_table(runs) -> str:
     """S5: batch sizes per base lr (peak lr scaled by the linear rule) and epochs, with each
     run's length in steps and its count of >= 10x spikes in any layer."""
     by = ["optim.base_lr", "optim.batch_size", "optim.epochs"]
-    table = compare_runs(runs, by=by)
-    table["drawdown_noise"] = [drawdown_noise(run) for run in runs]
+    table = run_table(runs, by)
     table["n_steps"] = [len(run.steps) for run in runs]
-    table["n_ten_x"] = [len(find_spikes(run.grad_norms(), method="ratio")) if len(run.layers) else 0
-                        for run in runs]
+    table["n_ten_x"] = [len(find_spikes(run.grad_norms(), method="ratio", warmup=spike_warmup(run)))
+                        if len(run.layers) else 0 for run in runs]
     table = table.sort_values(by, kind="stable")
     return spread_table(table, by, extra={"steps": "n_steps", "≥10× spikes": "n_ten_x"})
 
@@ -114,7 +133,7 @@ def pooled(runs, **spike_kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
     norms, events = [], []
     for i, run in enumerate(runs):
         run_norms = run.grad_norms()
-        run_events = find_spikes(run_norms, **spike_kwargs)
+        run_events = find_spikes(run_norms, warmup=spike_warmup(run), **spike_kwargs)
         for column in ("step", "peak_step", "end_step"):
             run_events[column] += i * SEED_OFFSET
         run_norms.index = run_norms.index + i * SEED_OFFSET
@@ -149,7 +168,8 @@ def ten_x_counts(settings: dict) -> str:
     columns = [list(map(str, r.grad_norms().columns)) for runs in settings.values() for r in runs if len(r.layers)]
     order = max(columns, key=len, default=[])  # model order, from a run that logs every layer
     for setting, runs in settings.items():
-        events = pd.concat([find_spikes(r.grad_norms(), method="ratio") for r in runs if len(r.layers)],
+        events = pd.concat([find_spikes(r.grad_norms(), method="ratio", warmup=spike_warmup(r))
+                            for r in runs if len(r.layers)],
                            ignore_index=True)
         events["layer"] = events["layer"].astype(str)
         counts[f"{setting} ({len(runs)})"] = {
@@ -170,7 +190,7 @@ def first_layer_spikes(runs, max_lag=10) -> str:
             continue
         last = [c for c in norms.columns if str(c).startswith("blocks.")][-1]
         ratio = norms[last] / causal_median(norms[last].to_numpy(), DEFAULTS["ratio"][0])
-        for e in find_spikes(norms["patch_embed"], method="ratio").itertuples():
+        for e in find_spikes(norms["patch_embed"], method="ratio", warmup=spike_warmup(run)).itertuples():
             after = ratio.loc[e.peak_step:e.peak_step + max_lag]
             rows.append(f"| {run.path.parent.name}/{run.name} | {e.peak_step} | {e.score:.1f} | "
                         f"{after.max():.1f} (+{after.idxmax() - e.peak_step}) |")
@@ -191,8 +211,7 @@ def main(argv=None) -> int:
             continue
         all_runs += runs
         loaded[sweep] = runs
-        table = compare_runs(runs, by=by)
-        table["drawdown_noise"] = [drawdown_noise(run) for run in runs]
+        table = run_table(runs, by)
         for run, (_, row) in zip(runs, table.iterrows()):
             label = ", ".join(f"{SHORT.get(k, k.split('.')[-1])}={row[k]}" for k in by if k in row)
             settings.setdefault(f"{sweep}: {label}", []).append(run)
