@@ -46,21 +46,28 @@ def knn_plot(runs, dips: dict | None = None) -> Figure:
     return fig
 
 
-def setting_labels(runs, seed_key="seed") -> list[str]:
+def setting_labels(runs, seed_key="seed", keys=None) -> list[str]:
     """One label per run naming the config values that differ between the runs, seed
-    excluded, so that the seeds of one setting share a label ("all" when nothing differs)."""
+    excluded, so that the seeds of one setting share a label ("all" when nothing differs).
+
+    keys: the dotted config keys to name instead (e.g. ["optim.batch_size", "optim.base_lr"]),
+    for sweeps whose settings also differ in keys that follow from these.
+    """
     config = config_table(runs)
-    varied = varied_keys(config, exclude=[seed_key])
+    varied = varied_keys(config, exclude=[seed_key]) if keys is None else list(keys)
+    if unknown := [k for k in varied if k not in config.columns]:
+        raise ValueError(f"no run's config has {', '.join(unknown)}")
     return [", ".join(f"{c.split('.')[-1]}={row[c]}" for c in varied) or "all"
             for _, row in config.iterrows()]
 
 
-def knn_seeds_plot(runs, source="val", x=None) -> Figure:
+def knn_seeds_plot(runs, source="val", x=None, keys=None) -> Figure:
     """kNN top-1 of each setting (see `setting_labels`): mean over its seeds as a line and
     +-1 standard deviation as a band, at the points every seed evaluated.
 
     x: "step" or "epoch"; default "epoch" when the runs' steps per epoch differ (batch
     sizes), so that their bands line up, else "step".
+    keys: the config keys that name a setting (see `setting_labels`).
     """
     if x is None:
         x = "epoch" if len({round(n) for n in map(steps_per_epoch, runs) if n}) > 1 else "step"
@@ -69,7 +76,7 @@ def knn_seeds_plot(runs, source="val", x=None) -> Figure:
     fig = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.add_subplot()
     curves = {}
-    for run, label in zip(runs, setting_labels(runs)):
+    for run, label in zip(runs, setting_labels(runs, keys=keys)):
         curve = knn_curves(run.knn).get(source)
         if curve is not None:
             top1 = curve["top1"] * 100

@@ -244,6 +244,19 @@ def test_seed_bands_of_different_batch_sizes_line_up_by_epoch(tmp_path):
         knn_seeds_plot(runs, x="time")
 
 
+def test_seed_band_labels_can_name_chosen_keys(tmp_path):
+    from stabilitylab.figures import setting_labels
+
+    dirs = [bench.write_synthetic_run(tmp_path / f"r{i}", 200, 3, seed=i, config={
+        **bench.synthetic_config(base_lr=lr, dataset=dataset), "seed": i % 2})
+            for i, (lr, dataset) in enumerate([(1e-3, "a"), (1e-3, "a"), (1e-2, "b"), (1e-2, "b")])]
+    runs = sl.load_runs(dirs)
+    assert setting_labels(runs) == ["dataset=a, base_lr=0.001"] * 2 + ["dataset=b, base_lr=0.01"] * 2
+    assert setting_labels(runs, keys=["optim.base_lr"]) == ["base_lr=0.001"] * 2 + ["base_lr=0.01"] * 2
+    with pytest.raises(ValueError, match="optim.batch_sise"):
+        setting_labels(runs, keys=["optim.batch_sise"])
+
+
 def test_a_sweep_concatenates_into_one_frame_with_its_settings(grid_dirs):
     runs = sl.load_runs(grid_dirs)
     knn = sl.concat_runs(runs, "knn")
