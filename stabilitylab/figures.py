@@ -152,9 +152,9 @@ def file_stems(names) -> list[str]:
     return stems
 
 
-def save(fig: Figure, stem: Path) -> list[Path]:
-    """Write `fig` as stem.png (200 dpi) and stem.pdf."""
-    paths = [stem.with_name(f"{stem.name}.{fmt}") for fmt in FORMATS]
+def save(fig: Figure, stem: Path, formats=FORMATS) -> list[Path]:
+    """Write `fig` as stem.png (200 dpi) and stem.pdf, or in the given `formats`."""
+    paths = [stem.with_name(f"{stem.name}.{fmt}") for fmt in formats]
     for path in paths:
         fig.savefig(path, dpi=200)
     return paths

@@ -1,0 +1,52 @@
+"""Write the seed-band figures of docs/findings.md that span several sweeps of
+experiments/findings_cpu.sh (the per-sweep ones come from `stabilitylab report --figures`).
+
+usage: python experiments/findings_figures.py [OUT_DIR] [FIGURE_DIR]
+       (default runs/findings and docs/figures)
+
+s1_s2_knn_seeds             learned vs frozen at the three base lrs (batch 128)
+s5_knn_seeds_same_epochs    batch 128 / 512 / 1024 at base lr 1e-2 over the same 8 epochs, by epoch
+s5_knn_seeds_same_steps     batch 128 vs 512 over ~312 steps at base lr 1e-2 and 1e-1, by step
+A figure whose sweeps are missing is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stabilitylab.figures import knn_seeds_plot, save
+from stabilitylab.run import load_runs
+
+FIGURES = {
+    "s1_s2_knn_seeds": dict(sweeps=["variants_lr1e-2", "variants_lr1e-1", "variants_lr3e-1"],
+                            patch_proj=("learned", "frozen"), keys=["model.patch_proj", "optim.base_lr"]),
+    "s5_knn_seeds_same_epochs": dict(sweeps=["variants_lr1e-2", "batch_lr1e-2"], patch_proj=("learned",),
+                                     keys=["optim.batch_size"], x="epoch"),
+    "s5_knn_seeds_same_steps": dict(sweeps=["variants_lr1e-2", "variants_lr1e-1", "batch512_long_lr1e-2",
+                                            "batch512_long_lr1e-1"], patch_proj=("learned",),
+                                    keys=["optim.batch_size", "optim.base_lr"], x="step"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default="runs/findings")
+    parser.add_argument("figures", nargs="?", default="docs/figures")
+    args = parser.parse_args(argv)
+    Path(args.figures).mkdir(parents=True, exist_ok=True)
+    for name, spec in FIGURES.items():
+        folders = [Path(args.out) / sweep for sweep in spec["sweeps"]]
+        if not all(folder.is_dir() for folder in folders):
+            print(f"skip {name}: missing {', '.join(str(f) for f in folders if not f.is_dir())}")
+            continue
+        runs = [run for run in load_runs(folders) if run.meta.get("status") == "finished"
+                and run.config_value("model.patch_proj") in spec["patch_proj"]]
+        runs.sort(key=lambda run: [run.config_value(key) for key in spec["keys"]])  # legend order
+        figure = knn_seeds_plot(runs, x=spec.get("x"), keys=spec["keys"])
+        for path in save(figure, Path(args.figures) / name, formats=["png"]):
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
