@@ -1,5 +1,6 @@
 """The committed sample runs load and go through the whole analysis (they are what a new user
 tries first)."""
+import importlib.util
 import json
 from pathlib import Path
 
@@ -28,19 +29,28 @@ def test_sample_runs_form_the_figure6_grid():
     assert list(table.index) == ["frozen", "learned"]
 
 
+def experiment_script(name):
+    """A script of experiments/ imported as a module."""
+    path = SAMPLES.parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_findings_runs_rebuild_the_findings_tables(capsys):
     """docs/findings.md says its tables come from `experiments/findings_tables.py` on the
     committed runs: check that they load and give the page's headline numbers."""
-    import importlib.util
-
-    path = SAMPLES.parents[1] / "experiments" / "findings_tables.py"
-    spec = importlib.util.spec_from_file_location("findings_tables", path)
-    tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tables)
-    assert tables.main([str(SAMPLES / "findings")]) == 0
+    assert experiment_script("findings_tables").main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 32 and all(r.meta["status"] == "finished" for r in runs)
+    assert len(runs) == 42 and all(r.meta["status"] == "finished" for r in runs)
+    # S5: the batch sizes side by side, each with its length in steps
+    s5 = out[out.index("### S5"):].split("\n\n")[1].splitlines()
+    assert [row.split("|")[1:6] for row in s5[2:]] == [
+        [" 0.01 ", " 128 ", " 8.0 ", " 3 ", " 312 "], [" 0.01 ", " 512 ", " 8.0 ", " 3 ", " 72 "],
+        [" 0.01 ", " 512 ", " 35.0 ", " 2 ", " 315 "], [" 0.01 ", " 1024 ", " 8.0 ", " 3 ", " 32 "],
+        [" 0.1 ", " 128 ", " 8.0 ", " 3 ", " 312 "], [" 0.1 ", " 512 ", " 35.0 ", " 2 ", " 315 "]]
     # ≥10x spikes of the patch projection, learned, base lr 1e-1: 5, the largest 27x
     learned = next(line for line in out.splitlines()
                    if line.startswith("| variants_lr1e-1: patch_proj=learned, base_lr=0.1 (3) |"))
@@ -49,3 +59,13 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     clip = sl.load_run(SAMPLES / "findings" / "clip_lr1e-1" / "patch_proj_clip=1_seed0").steps["loss"]
     plain = sl.load_run(SAMPLES / "findings" / "variants_lr1e-1" / "patch_proj=learned_seed0").steps["loss"]
     assert (clip[:72] == plain[:72]).all() and (clip[72:80] != plain[72:80]).any()
+
+
+def test_findings_figures_are_written_from_the_committed_runs(tmp_path):
+    from matplotlib.image import imread
+
+    assert experiment_script("findings_figures").main([str(SAMPLES / "findings"), str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["s1_s2_knn_seeds.png", "s5_knn_seeds_same_epochs.png", "s5_knn_seeds_same_steps.png"]
+    for name in names:
+        assert imread(tmp_path / name).shape[:2] == (720, 1280)  # 6.4 x 3.6 in at 200 dpi
