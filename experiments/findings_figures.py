@@ -7,6 +7,7 @@ usage: python experiments/findings_figures.py [OUT_DIR] [FIGURE_DIR]
 s1_s2_knn_seeds             learned vs frozen at the three base lrs (batch 128)
 s5_knn_seeds_same_epochs    batch 128 / 512 / 1024 at base lr 1e-2 over the same 8 epochs, by epoch
 s5_knn_seeds_same_steps     batch 128 vs 512 over ~312 steps at base lr 1e-2 and 1e-1, by step
+s6_knn_seeds                LAMB vs AdamW at base lr 1e-2 and 1e-1 (learned projection)
 A figure whose sweeps are missing is skipped.
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ FIGURES = {
     "s5_knn_seeds_same_steps": dict(sweeps=["variants_lr1e-2", "variants_lr1e-1", "batch512_long_lr1e-2",
                                             "batch512_long_lr1e-1"], patch_proj=("learned",),
                                     keys=["optim.batch_size", "optim.base_lr"], x="step"),
+    "s6_knn_seeds": dict(sweeps=["variants_lr1e-2", "variants_lr1e-1", "lamb"], patch_proj=("learned",),
+                         keys=["optim.name", "optim.base_lr"]),
 }
 
 

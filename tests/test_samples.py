@@ -66,6 +66,7 @@ def test_findings_figures_are_written_from_the_committed_runs(tmp_path):
 
     assert experiment_script("findings_figures").main([str(SAMPLES / "findings"), str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["s1_s2_knn_seeds.png", "s5_knn_seeds_same_epochs.png", "s5_knn_seeds_same_steps.png"]
+    assert names == ["s1_s2_knn_seeds.png", "s5_knn_seeds_same_epochs.png", "s5_knn_seeds_same_steps.png",
+                     "s6_knn_seeds.png"]
     for name in names:
         assert imread(tmp_path / name).shape[:2] == (720, 1280)  # 6.4 x 3.6 in at 200 dpi
