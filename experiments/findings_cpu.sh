@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CPU sweeps behind docs/findings.md (S0-S6), in priority order: 42 runs, 5-40 min
-# each, about 3.5 hours in all on 2 cores. The committed copy is data_samples/runs/findings.
+# The CPU sweeps behind docs/findings.md (S0-S6), in priority order: 44 runs, 5-22 min
+# each, about 4 hours in all on 2 cores. The committed copy is data_samples/runs/findings.
 # usage: bash experiments/findings_cpu.sh [OUT_DIR]   (default runs/findings)
 # Tiny preset (ViT dim 128, depth 4, 8-px patches on 32-px images) on the committed
 # 5,000-image CIFAR-10 sample, batch 128, 8 epochs = 312 steps, fresh-bank kNN every half
@@ -34,7 +34,7 @@ stabilitylab sweep --out "$out/batch_lr1e-2" --grid optim.batch_size=512,1024 \
 # S5 at about equal steps: batch 512 for 35 epochs = 315 steps, as long as the batch-128 runs
 # (312), at the cool and the hot base lr (peak 2e-2 and 2e-1; batch 128 had 5e-3 and 5e-2)
 for lr in 1e-2 1e-1; do
-    stabilitylab sweep --out "$out/batch512_long_lr$lr" --grid optim.batch_size=512 --seeds 2 --jobs 2 \
+    stabilitylab sweep --out "$out/batch512_long_lr$lr" --grid optim.batch_size=512 --seeds 3 --jobs 2 \
         model.patch_proj=learned optim.base_lr=$lr optim.epochs=35 optim.warmup_epochs=2 \
         knn.full_every_epochs=2 log.progress=false
 done

@@ -44,13 +44,13 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     assert experiment_script("findings_tables").main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 42 and all(r.meta["status"] == "finished" for r in runs)
+    assert len(runs) == 44 and all(r.meta["status"] == "finished" for r in runs)
     # S5: the batch sizes side by side, each with its length in steps
     s5 = out[out.index("### S5"):].split("\n\n")[1].splitlines()
     assert [row.split("|")[1:6] for row in s5[2:]] == [
         [" 0.01 ", " 128 ", " 8.0 ", " 3 ", " 312 "], [" 0.01 ", " 512 ", " 8.0 ", " 3 ", " 72 "],
-        [" 0.01 ", " 512 ", " 35.0 ", " 2 ", " 315 "], [" 0.01 ", " 1024 ", " 8.0 ", " 3 ", " 32 "],
-        [" 0.1 ", " 128 ", " 8.0 ", " 3 ", " 312 "], [" 0.1 ", " 512 ", " 35.0 ", " 2 ", " 315 "]]
+        [" 0.01 ", " 512 ", " 35.0 ", " 3 ", " 315 "], [" 0.01 ", " 1024 ", " 8.0 ", " 3 ", " 32 "],
+        [" 0.1 ", " 128 ", " 8.0 ", " 3 ", " 312 "], [" 0.1 ", " 512 ", " 35.0 ", " 3 ", " 315 "]]
     # ≥10x spikes of the patch projection, learned, base lr 1e-1: 5, the largest 27x
     learned = next(line for line in out.splitlines()
                    if line.startswith("| variants_lr1e-1: patch_proj=learned, base_lr=0.1 (3) |"))
