@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import binomial_noise, compare_runs, find_spikes, knn_curves, seed_spread, spike_lead_lag
+from analysis import (binomial_noise, compare_runs, config_table, find_spikes, knn_curves, seed_spread,
+                      spike_lead_lag, varied_keys)
 from analysis.compare import METRICS
 from analysis.spikes import DEFAULTS, WARMUP, causal_median
 from stabilitylab.run import is_run_dir, load_runs
@@ -51,11 +52,15 @@ def spike_warmup(run) -> int:
 
 def run_table(runs, by: list[str]) -> pd.DataFrame:
     """`compare_runs` with each run's spike metrics at its own `spike_warmup`, plus the
-    kNN drawdown in noise units."""
-    table = compare_runs(runs, by=by)
+    kNN drawdown in noise units. Runs sharing a warm-up are summarized together, each group
+    with the config columns of the whole set."""
+    config = config_table(runs)
+    columns = by + varied_keys(config, exclude=by)
+    groups = {}
     for i, run in enumerate(runs):
-        if spike_warmup(run) != WARMUP:
-            table.loc[i, METRICS] = compare_runs([run], by=by, warmup=spike_warmup(run))[METRICS].iloc[0]
+        groups.setdefault(spike_warmup(run), []).append(i)
+    table = pd.concat([compare_runs([runs[i] for i in rows], by=columns, warmup=warmup).set_axis(rows)
+                       for warmup, rows in groups.items()]).sort_index()
     table["drawdown_noise"] = [drawdown_noise(run) for run in runs]
     return table
 
@@ -99,11 +104,13 @@ def spread_table(table: pd.DataFrame, by: list[str], extra: dict | None = None) 
     return "\n".join(rows)
 
 
-def batch_table(runs) -> str:
+def batch_table(runs, metrics: pd.DataFrame) -> str:
     """S5: batch sizes per base lr (peak lr scaled by the linear rule) and epochs, with each
-    run's length in steps and its count of >= 10x spikes in any layer."""
+    run's length in steps and its count of >= 10x spikes in any layer. `metrics`: the runs'
+    rows of their sweeps' `run_table`, in the same order."""
     by = ["optim.base_lr", "optim.batch_size", "optim.epochs"]
-    table = run_table(runs, by)
+    table = pd.concat([config_table(runs).reindex(columns=[*by, "seed"]),
+                       metrics[[*METRICS, "drawdown_noise"]].reset_index(drop=True)], axis=1)
     table["n_steps"] = [len(run.steps) for run in runs]
     table["n_ten_x"] = [len(find_spikes(run.grad_norms(), method="ratio", warmup=spike_warmup(run)))
                         if len(run.layers) else 0 for run in runs]
@@ -201,7 +208,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default="runs/findings")
     args = parser.parse_args(argv)
-    variant_tables, all_runs, settings, loaded = [], [], {}, {}
+    variant_tables, all_runs, settings, loaded, tables = [], [], {}, {}, {}
     for sweep, by in SWEEPS.items():
         folder = Path(args.out) / sweep
         if not folder.is_dir() or not any(is_run_dir(p) for p in folder.iterdir()):
@@ -211,7 +218,7 @@ def main(argv=None) -> int:
             continue
         all_runs += runs
         loaded[sweep] = runs
-        table = run_table(runs, by)
+        table = tables[sweep] = run_table(runs, by)
         for run, (_, row) in zip(runs, table.iterrows()):
             label = ", ".join(f"{SHORT.get(k, k.split('.')[-1])}={row[k]}" for k in by if k in row)
             settings.setdefault(f"{sweep}: {label}", []).append(run)
@@ -220,11 +227,13 @@ def main(argv=None) -> int:
         print(f"### {sweep} ({len(runs)} runs)\n\n{spread_table(table, by)}\n")
     if variant_tables:
         print(f"### S2: frozen vs learned\n\n{frozen_gain(variant_tables)}\n")
-    batch_runs = [r for sweep in BATCH_SWEEPS for r in loaded.get(sweep, [])]
-    if batch_runs:
-        reference = [r for sweep in BATCH_REFERENCES for r in loaded.get(sweep, [])
-                     if r.config_value("model.patch_proj") == "learned"]
-        print(f"### S5: batch size per base lr (learned)\n\n{batch_table(reference + batch_runs)}\n")
+    if any(sweep in loaded for sweep in BATCH_SWEEPS):
+        batch_runs, metrics = [], []
+        for sweep in [s for s in (*BATCH_REFERENCES, *BATCH_SWEEPS) if s in loaded]:
+            learned = [r.config_value("model.patch_proj") == "learned" for r in loaded[sweep]]
+            batch_runs += [r for r, keep in zip(loaded[sweep], learned) if keep]
+            metrics.append(tables[sweep][learned])
+        print(f"### S5: batch size per base lr (learned)\n\n{batch_table(batch_runs, pd.concat(metrics))}\n")
     print(f"### S3: lead-lag, first layer vs last block\n\n{lead_lag_table(settings)}\n")
     print(f"### S0: gradient spikes >= 10x the running median per layer (count, largest)\n\n"
           f"{ten_x_counts(settings)}\n")
