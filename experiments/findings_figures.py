@@ -36,7 +36,10 @@ def main(argv=None) -> int:
     parser.add_argument("out", nargs="?", default="runs/findings")
     parser.add_argument("figures", nargs="?", default="docs/figures")
     args = parser.parse_args(argv)
+    if not Path(args.out).is_dir():
+        parser.error(f"{args.out} is not a folder: pass the folder that holds the sweeps (e.g. runs/findings)")
     Path(args.figures).mkdir(parents=True, exist_ok=True)
+    written = 0
     for name, spec in FIGURES.items():
         folders = [Path(args.out) / sweep for sweep in spec["sweeps"]]
         if not all(folder.is_dir() for folder in folders):
@@ -48,6 +51,9 @@ def main(argv=None) -> int:
         figure = knn_seeds_plot(runs, x=spec.get("x"), keys=spec["keys"])
         for path in save(figure, Path(args.figures) / name, formats=["png"]):
             print(path)
+            written += 1
+    if not written:
+        parser.error(f"no figure written: none has all its sweeps under {args.out}")
     return 0
 
 

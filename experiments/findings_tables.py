@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default="runs/findings")
     args = parser.parse_args(argv)
+    if not Path(args.out).is_dir():
+        parser.error(f"{args.out} is not a folder: pass the folder that holds the sweeps (e.g. runs/findings)")
     variant_tables, all_runs, settings, loaded, tables = [], [], {}, {}, {}
     for sweep, by in SWEEPS.items():
         folder = Path(args.out) / sweep
@@ -225,6 +227,8 @@ def main(argv=None) -> int:
         if sweep.startswith("variants"):
             variant_tables.append(table)
         print(f"### {sweep} ({len(runs)} runs)\n\n{spread_table(table, by)}\n")
+    if not loaded:
+        parser.error(f"no finished run in any of {', '.join(SWEEPS)} under {args.out}")
     if variant_tables:
         print(f"### S2: frozen vs learned\n\n{frozen_gain(variant_tables)}\n")
     if any(sweep in loaded for sweep in BATCH_SWEEPS):

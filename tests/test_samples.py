@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 import stabilitylab as sl
 from analysis import compare_runs, figure6_table, spike_lead_lag, summarize_run
 
@@ -70,3 +72,16 @@ def test_findings_figures_are_written_from_the_committed_runs(tmp_path):
                      "s6_knn_seeds.png"]
     for name in names:
         assert imread(tmp_path / name).shape[:2] == (720, 1280)  # 6.4 x 3.6 in at 200 dpi
+
+
+def test_findings_scripts_reject_a_folder_without_sweeps(tmp_path, capsys):
+    for script in ("findings_tables", "findings_figures"):
+        with pytest.raises(SystemExit) as exit_info:
+            experiment_script(script).main([str(tmp_path / "missing")])
+        assert exit_info.value.code == 2 and "missing is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        experiment_script("findings_tables").main([str(tmp_path)])
+    assert exit_info.value.code == 2 and "no finished run in any of variants_lr1e-1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        experiment_script("findings_figures").main([str(tmp_path), str(tmp_path / "figures")])
+    assert exit_info.value.code == 2 and "no figure written" in capsys.readouterr().err
