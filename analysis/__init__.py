@@ -9,10 +9,10 @@ from .compare import compare_runs, config_table, figure6_table, seed_spread, var
 from .dips import find_dips, find_knn_dips, knn_curves
 from .leadlag import LeadLagResult, spike_lead_lag
 from .noise import binomial_noise, curve_noise, robust_noise
-from .spikes import find_spikes, peak_ratio
+from .spikes import DEFAULT_RULE, SpikeRule, causal_median, find_spikes, peak_ratio, running_ratio
 from .summary import format_summary, summarize_run
 
 __all__ = ["find_dips", "find_knn_dips", "knn_curves", "find_spikes", "spike_lead_lag", "LeadLagResult",
-           "peak_ratio",
+           "peak_ratio", "running_ratio", "causal_median", "SpikeRule", "DEFAULT_RULE",
            "compare_runs", "config_table", "varied_keys", "figure6_table", "seed_spread", "summarize_run", "format_summary", "binomial_noise",
            "robust_noise", "curve_noise"]

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import signal
 
-from .spikes import DEFAULTS, find_spikes, log_deviation
+from .spikes import SpikeRule, find_spikes, log_deviation
 
 MAX_LAG_INTERVALS = 10
 ALPHA = 0.05
@@ -71,7 +71,7 @@ def nearest_lags(first: np.ndarray, later: np.ndarray, max_lag) -> np.ndarray:
 
 
 def spike_lead_lag(grad_norms: pd.DataFrame, *, first="patch_embed", layers=None, last=None,
-                   max_lag=None, n_permutations=999, seed=0, events=None, **spike_kwargs) -> LeadLagResult:
+                   max_lag=None, n_permutations=999, seed=0, events=None, rule=None) -> LeadLagResult:
     """Test whether spikes of layer `first` precede spikes of the later layers.
 
     grad_norms: wide frame, index step, one column per layer in model order
@@ -88,9 +88,9 @@ def spike_lead_lag(grad_norms: pd.DataFrame, *, first="patch_embed", layers=None
         strictly earlier, so the test is one-sided ("first leads").
     seed: seed of the shifts.
     events: spike events already found (`find_spikes` output, e.g. per run and then pooled
-        over seeds laid end to end); default: `find_spikes(grad_norms, **spike_kwargs)`.
-    spike_kwargs: method, window, threshold, warmup for `find_spikes` (`window` also sets
-        the baseline of the cross-correlation).
+        over seeds laid end to end); default: `find_spikes(grad_norms, rule)`.
+    rule: the `SpikeRule` (or its text) of the events; its window also sets the baseline of
+        the cross-correlation. Default `DEFAULT_RULE`.
 
     per_layer columns: layer, n_first_events, n_layer_events, n_matched, frac_first_leads
     (share of matched pairs with lag > 0), median_lag, mean_lag, xcorr_lag (peak of the
@@ -105,15 +105,15 @@ def spike_lead_lag(grad_norms: pd.DataFrame, *, first="patch_embed", layers=None
     dt = float(np.median(np.diff(steps))) if len(steps) > 1 else 1.0
     max_lag = MAX_LAG_INTERVALS * dt if max_lag is None else max_lag
 
-    events = find_spikes(frame, **spike_kwargs) if events is None else events
+    rule = SpikeRule.parse(rule)
+    events = find_spikes(frame, rule) if events is None else events
     first_steps = np.sort(events.loc[events["layer"] == first, "step"].to_numpy())
     rng = np.random.default_rng(seed)
     shifts = rng.integers(1, max(len(steps), 2), size=n_permutations)
     rows = np.searchsorted(steps, first_steps)
     null_first = np.sort(steps[(rows[None, :] + shifts[:, None]) % max(len(steps), 1)], axis=1)
 
-    window = spike_kwargs.get("window") or DEFAULTS["mad"][0]
-    deviation = {c: log_deviation(frame[c], window).reindex(frame.index).fillna(0).to_numpy()
+    deviation = {c: log_deviation(frame[c], rule.window).reindex(frame.index).fillna(0).to_numpy()
                  for c in frame.columns}
 
     per_layer, matches = [], []

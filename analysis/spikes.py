@@ -1,25 +1,154 @@
 """Spikes: sudden jumps of a norm series (per-layer gradient norm, loss) above its recent past.
 
+One rule decides what a spike is everywhere (`SpikeRule`, default `DEFAULT_RULE`): the
+offline detector here, the lead-lag test, the run summary, the report and its figures, the
+findings scripts and the trainer's online detector all take a rule, never their own
+thresholds.
+
 Every score compares a point with a causal baseline over the `window` values before it (the
-point itself excluded), so a spike cannot hide itself and nothing after it matters.
-Consecutive flagged values form one event. Windows and warmup count logged values (rows),
-not optimizer steps; with `log.every=1` the two coincide.
+point itself excluded), so a spike cannot hide itself and nothing after it matters. The
+baseline of every "x median" number is the same: the median of the previous `window` finite
+positive values (`causal_median`, `running_ratio`). Consecutive flagged values form one
+event. Windows and warmup count logged values (rows), not optimizer steps; with
+`log.every=1` the two coincide.
 """
 from __future__ import annotations
+
+import re
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-# method: (window, threshold). mad: robust z of the log-norm; sigma: OLMo 2's rule on the
-# raw values (7 sigma over the last 1000); ratio: value over the rolling median.
-DEFAULTS = {"mad": (100, 6.0), "sigma": (1000, 7.0), "ratio": (100, 10.0)}
-WARMUP = 50
+WINDOW = 100  # values in every causal baseline
+WARMUP = 50  # first values of a series that are never flagged: the baseline needs history
 MAD_TO_SIGMA = 1.4826
-SPIKE_COLUMNS = ["layer", "step", "peak_step", "end_step", "n_steps", "value", "baseline", "score"]
+METHODS = ("mad", "sigma", "ratio")
+SPIKE_COLUMNS = ["layer", "step", "peak_step", "end_step", "n_steps", "value", "baseline", "ratio",
+                 "score"]
 
 
-def causal_median(y, window: int) -> np.ndarray:
+@dataclass(frozen=True)
+class SpikeTest:
+    """One test of a rule: `method` score >= `threshold`.
+
+    mad:   robust z of the log-norm, (log x - m) / (1.4826 s): m = log of the causal median,
+           s = median |log x - m| of the previous `window` points (the MAD of these
+           one-step-ahead residuals; equal to the plain MAD on a flat series, a little
+           larger, so more conservative, under a trend). Scale-free, robust to earlier spikes.
+    sigma: (x - mean) / std of the previous `window` raw values (OLMo 2's rule is
+           sigma:7 with window=1000).
+    ratio: x / causal median, the paper-style effect size ("10x").
+    """
+
+    method: str
+    threshold: float
+
+    def __str__(self) -> str:
+        return f"{self.method}:{self.threshold:g}"
+
+
+@dataclass(frozen=True)
+class SpikeRule:
+    """What counts as a spike: any of `alternatives`, each a group of tests that must all pass.
+
+    Written as text (`SpikeRule.parse`): tests joined by `+` must all pass, alternatives
+    joined by `|` are OR-ed, and `,window=W` / `,warmup=N` set the baseline length and the
+    warm-up, e.g. `ratio:10`, `mad:6`, `mad:6+ratio:3`, `mad:6+ratio:3|ratio:10`,
+    `sigma:7,window=1000`. `str(rule)` gives the canonical text back.
+    """
+
+    alternatives: tuple[tuple[SpikeTest, ...], ...]
+    window: int = WINDOW
+    warmup: int = WARMUP
+
+    def __post_init__(self):
+        if not self.alternatives or not all(self.alternatives):
+            raise ValueError("a spike rule needs at least one test")
+        if self.window < 1 or self.warmup < 0:
+            raise ValueError(f"spike rule window must be >= 1 and warmup >= 0, not "
+                             f"window={self.window}, warmup={self.warmup}")
+
+    @classmethod
+    def parse(cls, text: "str | SpikeRule | None") -> "SpikeRule":
+        """A rule from its text (see the class docstring); a rule as is; None -> the default."""
+        if text is None:
+            return DEFAULT_RULE
+        if isinstance(text, SpikeRule):
+            return text
+        tests_text, *options = [part.strip() for part in str(text).split(",")]
+        fields = {}
+        for option in options:
+            key, sep, value = option.partition("=")
+            if key not in ("window", "warmup") or not sep or not re.fullmatch(r"\d+", value):
+                raise ValueError(f"bad spike rule option {option!r} in {text!r}: use window=N or warmup=N")
+            fields[key] = int(value)
+        alternatives = []
+        for alternative in tests_text.split("|"):
+            tests = []
+            for term in alternative.split("+"):
+                method, sep, value = term.strip().partition(":")
+                try:
+                    threshold = float(value)
+                except ValueError:
+                    threshold = None
+                if method not in METHODS or not sep or threshold is None or not np.isfinite(threshold):
+                    raise ValueError(f"bad spike rule test {term.strip()!r} in {text!r}: use mad:Z, "
+                                     f"sigma:Z or ratio:R joined by + (and) or | (or), "
+                                     f"e.g. {DEFAULT_RULE}")
+                tests.append(SpikeTest(method, threshold))
+            alternatives.append(tuple(tests))
+        return cls(tuple(alternatives), **fields)
+
+    def __str__(self) -> str:
+        text = "|".join("+".join(map(str, tests)) for tests in self.alternatives)
+        if self.window != WINDOW:
+            text += f",window={self.window}"
+        if self.warmup != WARMUP:
+            text += f",warmup={self.warmup}"
+        return text
+
+    @property
+    def methods(self) -> set[str]:
+        return {t.method for tests in self.alternatives for t in tests}
+
+    def score(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Baseline (causal median) and {method: score} of each point of a finite positive series."""
+        baseline = causal_median(x, self.window)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scores = {"ratio": x / baseline}
+            if "mad" in self.methods:
+                resid = np.log(scores["ratio"])  # log x - log of the causal median
+                scale = np.full(len(x), np.nan)
+                scale[1:] = MAD_TO_SIGMA * causal_median(np.abs(resid[1:]), self.window)
+                scores["mad"] = resid / scale
+            if "sigma" in self.methods:
+                past = pd.Series(x).rolling(self.window, min_periods=2)
+                mean, std = past.mean().shift(1).to_numpy(), past.std().shift(1).to_numpy()
+                scores["sigma"] = (x - mean) / std
+        return baseline, scores
+
+    def flag(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        """Boolean mask of the points the rule calls spikes (warm-up excluded)."""
+        n = len(scores["ratio"])
+        flagged = np.zeros(n, dtype=bool)
+        for tests in self.alternatives:
+            passed = np.ones(n, dtype=bool)
+            for t in tests:
+                with np.errstate(invalid="ignore"):
+                    passed &= scores[t.method] >= t.threshold
+            flagged |= passed
+        flagged[:self.warmup] = False
+        return flagged
+
+
+# The default, chosen on benchmarks/bench_detectors.py (table in docs/analysis.md): a
+# statistically unusual value that is also at least 3x its baseline, or any 10x excursion.
+DEFAULT_RULE = SpikeRule.parse("mad:6+ratio:3|ratio:10")
+
+
+def causal_median(y, window: int = WINDOW) -> np.ndarray:
     """Median of the `window` values before each point (fewer at the start, NaN at 0).
 
     scipy.ndimage.median_filter on a trailing window, shifted by one: about 6x faster than
@@ -37,88 +166,74 @@ def causal_median(y, window: int) -> np.ndarray:
     return out
 
 
-def log_deviation(x: pd.Series, window: int) -> pd.Series:
-    """log(x) minus the causal rolling median of log(x): the mad method's residual.
-
-    Non-finite and non-positive values are dropped first, the rest keep their index.
-    """
+def valid_values(x: pd.Series) -> pd.Series:
+    """The finite positive values of a norm series, which every rule looks at."""
     x = x.astype(float)
-    y = np.log(x[np.isfinite(x) & (x > 0)])
+    return x[np.isfinite(x) & (x > 0)]
+
+
+def running_ratio(values, window: int = WINDOW):
+    """Each value over the causal median of the previous `window` valid values.
+
+    The one "x median" scale of every text, table, hover and figure. Series in, Series out
+    (wide frame in, wide frame out), same index; NaN where a value is not finite positive.
+    """
+    frame = _as_frame(values)
+    out = pd.DataFrame(np.nan, index=frame.index, columns=frame.columns)
+    for layer in frame.columns:
+        x = valid_values(frame[layer])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out.loc[x.index, layer] = x.to_numpy() / causal_median(x.to_numpy(), window)
+    return out.iloc[:, 0].rename(values.name) if isinstance(values, pd.Series) else out
+
+
+def log_deviation(x: pd.Series, window: int = WINDOW) -> pd.Series:
+    """log(x) minus the log of its causal median: the mad test's residual, index kept."""
+    y = np.log(valid_values(x))
     return y - causal_median(y, window)
 
 
-def _score(x: np.ndarray, method: str, window: int):
-    """Baseline (in value units) and score of each point of a finite series."""
-    if method == "mad":
-        resid = log_deviation(pd.Series(x), window).to_numpy()
-        scale = np.full(len(x), np.nan)
-        scale[1:] = MAD_TO_SIGMA * causal_median(np.abs(resid[1:]), window)
-        return np.exp(np.log(x) - resid), resid / scale
-    if method == "sigma":
-        past = pd.Series(x).rolling(window, min_periods=2)
-        mean, std = past.mean().shift(1).to_numpy(), past.std().shift(1).to_numpy()
-        return mean, (x - mean) / std
-    base = causal_median(x, window)  # ratio
-    return base, x / base
-
-
-def find_spikes(values, *, method="mad", window=None, threshold=None, warmup=WARMUP) -> pd.DataFrame:
+def find_spikes(values, rule: "SpikeRule | str | None" = None) -> pd.DataFrame:
     """Find spike events in a norm series or in every column of a wide frame.
 
     values: Series indexed by step, or DataFrame (index step, one column per layer, as
         `Run.grad_norms()` returns).
-    method:
-        "mad"   (default) robust z of the log-norm, (log x - m) / (1.4826 * s), m = median
-                of the previous `window` log values, s = median |log x - m| of the previous
-                `window` points (the MAD of these one-step-ahead residuals: equal to the
-                plain MAD on a flat series, a little larger, so more conservative, under a
-                trend). Scale-free and robust to earlier spikes. Default 100 values, z >= 6.
-        "sigma" OLMo 2's rule: (x - mean) / std over the previous 1000 raw values, >= 7.
-        "ratio" x / median of the previous `window` values, >= 10 (an order of magnitude).
-    window, threshold: default per method as above.
-    warmup: the first `warmup` values of each series are never flagged (50: the baseline
-        needs some history).
+    rule: a `SpikeRule` or its text; default `DEFAULT_RULE`.
 
-    Only jumps upward count. Non-finite values, and non-positive ones for mad/ratio, are
-    ignored. Returns one row per event: layer, step (first flagged), peak_step (highest
-    score), end_step (last flagged), n_steps (flagged values), and value, baseline, score
-    at the peak. Rows are in column order, then step.
+    Only jumps upward count; non-finite and non-positive values are ignored. Returns one row
+    per event: layer, step (first flagged), peak_step (largest ratio), end_step (last
+    flagged), n_steps (flagged values), and at the peak: value, baseline (causal median),
+    ratio (value / baseline) and score (the rule's first test's score). Rows are in column
+    order, then step.
     """
-    if method not in DEFAULTS:
-        raise ValueError(f"unknown method {method!r}: use one of {sorted(DEFAULTS)}")
-    default_window, default_threshold = DEFAULTS[method]
-    window = window or default_window
-    threshold = default_threshold if threshold is None else threshold
+    rule = SpikeRule.parse(rule)
+    first_method = rule.alternatives[0][0].method
     frame = _as_frame(values)
     events = []
     for layer in frame.columns:
-        x = frame[layer].astype(float)
-        x = x[np.isfinite(x) & ((x > 0) | (method == "sigma"))]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            baseline, score = _score(x.to_numpy(), method, window)
-        flagged = score >= threshold
-        flagged[:warmup] = False
-        events.append(_events(layer, x, baseline, score, np.flatnonzero(flagged)))
+        x = valid_values(frame[layer])
+        baseline, scores = rule.score(x.to_numpy())
+        pos = np.flatnonzero(rule.flag(scores))
+        events.append(_events(layer, x, baseline, scores["ratio"], scores[first_method], pos))
     out = pd.concat(events, ignore_index=True) if events else pd.DataFrame(columns=SPIKE_COLUMNS)
     out["layer"] = pd.Categorical(out["layer"], categories=list(frame.columns))
     return out
 
 
-def peak_ratio(values, *, window=DEFAULTS["ratio"][0], warmup=WARMUP) -> pd.Series:
-    """Largest value / causal rolling median of each column (the paper-style "10x" yardstick).
+def peak_ratio(values, rule: "SpikeRule | str | None" = None) -> pd.Series:
+    """Largest value / causal median of each column, after the rule's warm-up.
 
-    values: Series or wide frame as for `find_spikes`. Same baseline as method="ratio"
-    (median of the previous `window` finite positive values) and the same `warmup` rows
-    skipped, but no threshold: the answer to "how big was the largest excursion?" even in a
-    run with no spikes. NaN for a series shorter than warmup + 1.
+    The answer to "how big was the largest excursion?" even in a run with no spikes, on the
+    same baseline as every event's `ratio`. NaN for a series shorter than warmup + 1.
     """
+    rule = SpikeRule.parse(rule)
     frame = _as_frame(values)
     out = {}
     for layer in frame.columns:
-        x = frame[layer].astype(float).to_numpy()
-        x = x[np.isfinite(x) & (x > 0)]
-        _, ratio = _score(x, "ratio", window)
-        out[layer] = np.nanmax(ratio[warmup:]) if len(x) > warmup else np.nan
+        x = valid_values(frame[layer]).to_numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = x / causal_median(x, rule.window)
+        out[layer] = np.nanmax(ratio[rule.warmup:]) if len(x) > rule.warmup else np.nan
     return pd.Series(out, dtype=float)
 
 
@@ -129,12 +244,12 @@ def _as_frame(values) -> pd.DataFrame:
     return values
 
 
-def _events(layer, x: pd.Series, baseline, score, pos) -> pd.DataFrame:
+def _events(layer, x: pd.Series, baseline, ratio, score, pos) -> pd.DataFrame:
     """Group consecutive flagged positions `pos` of one series into events."""
     steps = x.index.to_numpy()
     run = np.cumsum(np.diff(pos, prepend=-2) > 1)
-    g = pd.DataFrame({"run": run, "pos": pos, "score": score[pos]}).groupby("run")
-    peak = pos[g["score"].idxmax().to_numpy()]
+    g = pd.DataFrame({"run": run, "pos": pos, "ratio": ratio[pos]}).groupby("run")
+    peak = pos[g["ratio"].idxmax().to_numpy()]
     return pd.DataFrame({
         "layer": layer,
         "step": steps[g["pos"].min().to_numpy()],
@@ -143,5 +258,6 @@ def _events(layer, x: pd.Series, baseline, score, pos) -> pd.DataFrame:
         "n_steps": g.size().to_numpy(),
         "value": x.to_numpy()[peak],
         "baseline": baseline[peak],
+        "ratio": ratio[peak],
         "score": score[peak],
     }, columns=SPIKE_COLUMNS)

@@ -8,14 +8,14 @@ import pandas as pd
 
 from .dips import find_knn_dips, knn_curves
 from .leadlag import spike_lead_lag
-from .spikes import WARMUP, find_spikes, peak_ratio
+from .spikes import SpikeRule, find_spikes, peak_ratio
 
 FINAL_LOSS_STEPS = 100
 DIP_FIELDS = ["source", "start_step", "bottom_step", "end_step", "peak", "bottom", "depth",
               "depth_noise", "recovered", "confirmed"]
 
 
-def summarize_run(run, *, first="patch_embed", **spike_kwargs) -> dict:
+def summarize_run(run, *, first="patch_embed", rule=None) -> dict:
     """Summarize a run (anything with name, meta, steps, knn, layers, grad_norms()).
 
     kNN numbers use the `val` source when the run has one (a fresh feature bank), else
@@ -29,9 +29,11 @@ def summarize_run(run, *, first="patch_embed", **spike_kwargs) -> dict:
     `peak_ratio`, for `first` and for the lead-lag's last layer),
     first_leads_frac (share of matched later-layer events that `first` preceded),
     lead_lag (last-layer verdict, p_value, median_lag, summary); notes (what is missing).
-    Missing data gives None values and a note, never an error. JSON-serializable.
-    spike_kwargs go to `find_spikes` / `spike_lead_lag`.
+    spike_rule (the rule's text). Missing data gives None values and a note, never an error.
+    JSON-serializable. rule: the `SpikeRule` (or its text) of every spike number; default
+    `DEFAULT_RULE`.
     """
+    rule = SpikeRule.parse(rule)
     steps = run.steps
     loss = steps["loss"].astype(float) if "loss" in steps else pd.Series(dtype=float)
     loss = loss[np.isfinite(loss)]
@@ -41,10 +43,11 @@ def summarize_run(run, *, first="patch_embed", **spike_kwargs) -> dict:
         "n_steps": len(steps),
         "last_step": steps["step"].max() if len(steps) else None,
         "final_loss": loss.tail(FINAL_LOSS_STEPS).mean() if len(loss) else None,
+        "spike_rule": str(rule),
         "notes": [],
     }
     s.update(_knn_summary(run.knn, s["notes"]))
-    s.update(_spike_summary(run, first, spike_kwargs, s["notes"]))
+    s.update(_spike_summary(run, first, rule, s["notes"]))
     return _jsonable(s)
 
 
@@ -75,19 +78,19 @@ def _knn_summary(knn: pd.DataFrame, notes: list) -> dict:
     )
 
 
-def _spike_summary(run, first: str, spike_kwargs: dict, notes: list) -> dict:
+def _spike_summary(run, first: str, rule: SpikeRule, notes: list) -> dict:
     grad_norms = run.grad_norms() if len(run.layers) else pd.DataFrame()
     if grad_norms.empty:
         notes.append("no per-layer gradient norms")
         return dict(spikes={}, n_first_layer_spikes=None, first_peak_ratio=None, last_peak_ratio=None,
                     first_leads_frac=None, lead_lag=None)
-    ratios = peak_ratio(grad_norms, warmup=spike_kwargs.get("warmup", WARMUP))
+    ratios = peak_ratio(grad_norms, rule)
     if first not in grad_norms.columns:
         notes.append(f"{first} not logged: no lead-lag")
-        events = find_spikes(grad_norms, **spike_kwargs)
+        events = find_spikes(grad_norms, rule)
         lead_lag, leads, last_layer = None, None, None
     else:
-        ll = spike_lead_lag(grad_norms, first=first, **spike_kwargs)
+        ll = spike_lead_lag(grad_norms, first=first, rule=rule)
         events = ll.events
         leads = (ll.matches["lag"] > 0).mean() if len(ll.matches) else None
         last_layer = ll.last

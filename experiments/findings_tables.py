@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import (binomial_noise, compare_runs, config_table, find_spikes, knn_curves, seed_spread,
-                      spike_lead_lag, varied_keys)
+from analysis import (SpikeRule, binomial_noise, compare_runs, config_table, find_spikes, knn_curves,
+                      running_ratio, seed_spread, spike_lead_lag, varied_keys)
 from analysis.compare import METRICS
-from analysis.spikes import DEFAULTS, WARMUP, causal_median
+from analysis.spikes import WARMUP
 from stabilitylab.run import is_run_dir, load_runs
 
 # sweep folder -> the config keys that name its settings
@@ -36,8 +36,8 @@ BATCH_SWEEPS = ("batch_lr1e-2", "batch512_long_lr1e-2", "batch512_long_lr1e-1")
 BATCH_REFERENCES = ("variants_lr1e-2", "variants_lr1e-1")
 SHORT = {"optim.name": "optimizer"}  # column names where the key's last part says too little
 # spike rules of the lead-lag test: the default robust z, and the paper-style ratio at two levels
-SPIKE_RULES = {"mad z≥6": dict(method="mad", threshold=6.0), "ratio ≥10×": dict(method="ratio", threshold=10.0),
-               "ratio ≥5×": dict(method="ratio", threshold=5.0)}
+SPIKE_RULES = {"mad z≥6": "mad:6", "ratio ≥10×": "ratio:10", "ratio ≥5×": "ratio:5"}
+SUMMARY_RULE = "mad:6"  # the spike counts of the sweep tables
 MAX_LAG = 30  # steps: the paper's caption says "tens of iterations", its text "a couple"
 SEED_OFFSET = 100_000
 REFERENCE_BATCH = 128  # the spike detectors' 50-step warm-up is meant at this batch size
@@ -50,6 +50,11 @@ def spike_warmup(run) -> int:
     return math.ceil(WARMUP * REFERENCE_BATCH / run.config_value("optim.batch_size", REFERENCE_BATCH))
 
 
+def run_rule(run, text: str) -> SpikeRule:
+    """The spike rule `text` with `run`'s warm-up (`spike_warmup`)."""
+    return SpikeRule.parse(f"{text},warmup={spike_warmup(run)}")
+
+
 def run_table(runs, by: list[str]) -> pd.DataFrame:
     """`compare_runs` with each run's spike metrics at its own `spike_warmup`, plus the
     kNN drawdown in noise units. Runs sharing a warm-up are summarized together, each group
@@ -59,7 +64,8 @@ def run_table(runs, by: list[str]) -> pd.DataFrame:
     groups = {}
     for i, run in enumerate(runs):
         groups.setdefault(spike_warmup(run), []).append(i)
-    table = pd.concat([compare_runs([runs[i] for i in rows], by=columns, warmup=warmup).set_axis(rows)
+    table = pd.concat([compare_runs([runs[i] for i in rows], by=columns,
+                                    rule=SpikeRule.parse(f"{SUMMARY_RULE},warmup={warmup}")).set_axis(rows)
                        for warmup, rows in groups.items()]).sort_index()
     table["drawdown_noise"] = [drawdown_noise(run) for run in runs]
     return table
@@ -112,7 +118,7 @@ def batch_table(runs, metrics: pd.DataFrame) -> str:
     table = pd.concat([config_table(runs).reindex(columns=[*by, "seed"]),
                        metrics[[*METRICS, "drawdown_noise"]].reset_index(drop=True)], axis=1)
     table["n_steps"] = [len(run.steps) for run in runs]
-    table["n_ten_x"] = [len(find_spikes(run.grad_norms(), method="ratio", warmup=spike_warmup(run)))
+    table["n_ten_x"] = [len(find_spikes(run.grad_norms(), run_rule(run, "ratio:10")))
                         if len(run.layers) else 0 for run in runs]
     table = table.sort_values(by, kind="stable")
     return spread_table(table, by, extra={"steps": "n_steps", "≥10× spikes": "n_ten_x"})
@@ -133,14 +139,14 @@ def frozen_gain(tables: list[pd.DataFrame]) -> str:
     return "\n".join(rows)
 
 
-def pooled(runs, **spike_kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
+def pooled(runs, rule: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The seeds' gradient norms end to end (steps offset by SEED_OFFSET per run) and their
     spike events, found in each run on its own (own warmup and baseline), for a pooled
     lead-lag test whose circular shifts mix the seeds."""
     norms, events = [], []
     for i, run in enumerate(runs):
         run_norms = run.grad_norms()
-        run_events = find_spikes(run_norms, warmup=spike_warmup(run), **spike_kwargs)
+        run_events = find_spikes(run_norms, run_rule(run, rule))
         for column in ("step", "peak_step", "end_step"):
             run_events[column] += i * SEED_OFFSET
         run_norms.index = run_norms.index + i * SEED_OFFSET
@@ -156,8 +162,8 @@ def lead_lag_table(settings: dict) -> str:
         runs = [r for r in runs if len(r.layers) and "patch_embed" in r.grad_norms().columns]
         if not runs:
             continue
-        for label, kwargs in SPIKE_RULES.items():
-            norms, events = pooled(runs, **kwargs)
+        for label, rule in SPIKE_RULES.items():
+            norms, events = pooled(runs, rule)
             ll = spike_lead_lag(norms, max_lag=MAX_LAG, events=events)
             r = ll.per_layer.set_index("layer").loc[ll.last]
             rows.append(f"| {setting} | {len(runs)} | {label} | {r.n_first_events:.0f} | {r.n_layer_events:.0f} | "
@@ -175,12 +181,12 @@ def ten_x_counts(settings: dict) -> str:
     columns = [list(map(str, r.grad_norms().columns)) for runs in settings.values() for r in runs if len(r.layers)]
     order = max(columns, key=len, default=[])  # model order, from a run that logs every layer
     for setting, runs in settings.items():
-        events = pd.concat([find_spikes(r.grad_norms(), method="ratio", warmup=spike_warmup(r))
+        events = pd.concat([find_spikes(r.grad_norms(), run_rule(r, "ratio:10"))
                             for r in runs if len(r.layers)],
                            ignore_index=True)
         events["layer"] = events["layer"].astype(str)
         counts[f"{setting} ({len(runs)})"] = {
-            layer: f"{len(g)} ({g['score'].max():.0f}×)" for layer, g in events.groupby("layer")}
+            layer: f"{len(g)} ({g['ratio'].max():.0f}×)" for layer, g in events.groupby("layer")}
     table = pd.DataFrame(counts).T
     table = table.reindex(columns=[c for c in order if c in table.columns]).fillna("0")
     return "| setting (runs) | " + " | ".join(table.columns) + " |\n|" + "---|" * (len(table.columns) + 1) + "\n" + \
@@ -196,10 +202,10 @@ def first_layer_spikes(runs, max_lag=10) -> str:
         if not len(run.layers) or "patch_embed" not in (norms := run.grad_norms()).columns:
             continue
         last = [c for c in norms.columns if str(c).startswith("blocks.")][-1]
-        ratio = norms[last] / causal_median(norms[last].to_numpy(), DEFAULTS["ratio"][0])
-        for e in find_spikes(norms["patch_embed"], method="ratio", warmup=spike_warmup(run)).itertuples():
+        ratio = running_ratio(norms[last])
+        for e in find_spikes(norms["patch_embed"], run_rule(run, "ratio:10")).itertuples():
             after = ratio.loc[e.peak_step:e.peak_step + max_lag]
-            rows.append(f"| {run.path.parent.name}/{run.name} | {e.peak_step} | {e.score:.1f} | "
+            rows.append(f"| {run.path.parent.name}/{run.name} | {e.peak_step} | {e.ratio:.1f} | "
                         f"{after.max():.1f} (+{after.idxmax() - e.peak_step}) |")
     return "\n".join(rows)
 

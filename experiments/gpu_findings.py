@@ -84,7 +84,7 @@ def summarize(run_dir: Path) -> dict:
            "dips": len(dips), "confirmed_dips": int(dips["confirmed"].fillna(False).sum()) if len(dips) else 0,
            "wall_s": run.meta.get("wall_s")}
     if "patch_embed" in norms.columns and len(norms) > 60:
-        spikes = find_spikes(norms, method="ratio")
+        spikes = find_spikes(norms, "ratio:10")
         row["first_layer_spikes_10x"] = int((spikes["layer"] == "patch_embed").sum())
         row["max_first_layer_ratio"] = float((norms["patch_embed"] / norms["patch_embed"].rolling(100, 1).median().shift()).max())
         lead = spike_lead_lag(norms)

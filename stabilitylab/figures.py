@@ -13,7 +13,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import config_table, find_knn_dips, knn_curves, varied_keys
-from stabilitylab.plots import decimate, default_layers, relative_to_median
+from analysis import running_ratio
+from stabilitylab.plots import decimate, default_layers
 
 FORMATS = ("png", "pdf")
 
@@ -102,15 +103,15 @@ def steps_per_epoch(run) -> float | None:
 
 
 def first_last_plot(grad_norms: pd.DataFrame, title: str = "") -> Figure:
-    """First layer vs last transformer block gradient norm, each relative to its own median
-    (Figure 4 form)."""
+    """First layer vs last transformer block gradient norm, each over its causal running
+    median (Figure 4 form)."""
     fig = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.add_subplot()
     layers = default_layers(grad_norms.columns)
     for layer in dict.fromkeys([layers[0], layers[-1]]):
-        curve = decimate(relative_to_median(grad_norms[layer].dropna()))
+        curve = decimate(running_ratio(grad_norms[layer]).dropna())
         ax.plot(curve.index, curve.to_numpy(), lw=0.8, label=mpl_text(layer))
-    ax.set(xlabel="step", ylabel="gradient norm / layer median", yscale="log", title=mpl_text(title))
+    ax.set(xlabel="step", ylabel="gradient norm / running median", yscale="log", title=mpl_text(title))
     ax.legend(frameon=False, fontsize="small")
     return fig
 

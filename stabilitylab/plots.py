@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.dips import knn_curves
+from analysis import knn_curves, running_ratio
 
 MAX_POINTS = 4000
 MAX_HEATMAP_COLUMNS = 1500
@@ -62,12 +62,6 @@ def bucket_max(wide: pd.DataFrame, max_rows: int = MAX_HEATMAP_COLUMNS) -> pd.Da
     merged = wide.groupby(bucket).max()
     merged.index = wide.index[::size]
     return merged
-
-
-def relative_to_median(series: pd.Series) -> pd.Series:
-    """A layer's values divided by its median positive value (the paper's Figure 4 scale)."""
-    positive = series[series > 0]
-    return series / positive.median() if len(positive) else series * np.nan
 
 
 def default_layers(layers) -> list[str]:
@@ -162,7 +156,7 @@ def grad_heatmap(grad_norms: pd.DataFrame, max_columns: int = MAX_HEATMAP_COLUMN
 
 def relative_grad_figure(grad_norms: pd.DataFrame, layers=None, spikes: pd.DataFrame | None = None,
                          max_points: int = MAX_POINTS) -> go.Figure:
-    """Gradient norm of a few layers, each relative to its own median, spikes marked.
+    """Gradient norm of a few layers, each over its causal running median, spikes marked.
 
     The form of the paper's Figure 4 (first vs last layer). `layers` defaults to the first,
     a middle and the last layer; `spikes` is a frame with layer, step and peak_step columns
@@ -170,7 +164,7 @@ def relative_grad_figure(grad_norms: pd.DataFrame, layers=None, spikes: pd.DataF
     """
     fig = go.Figure()
     for layer in layers or default_layers(grad_norms.columns):
-        relative = relative_to_median(grad_norms[layer].dropna())
+        relative = running_ratio(grad_norms[layer]).dropna()
         mine = (pd.DataFrame(columns=["step", "peak_step"]) if spikes is None
                 else spikes[spikes["layer"].astype(str) == layer])
         line = decimate(relative, max_points, [*mine["step"], *mine["peak_step"]])
@@ -181,8 +175,8 @@ def relative_grad_figure(grad_norms: pd.DataFrame, layers=None, spikes: pd.DataF
             fig.add_trace(go.Scatter(x=marked.index, y=marked.to_numpy(), mode="markers",
                                      name=f"{label(layer)} spikes", legendgroup=label(layer),
                                      marker=dict(symbol="x", size=8)))
-    fig.update_layout(title="Gradient norm relative to the layer's median (Figure 4 form)",
-                      xaxis_title="step", yaxis=dict(title="‖g‖ / median", type="log"))
+    fig.update_layout(title="Gradient norm over its running median (Figure 4 form)",
+                      xaxis_title="step", yaxis=dict(title="‖g‖ / running median", type="log"))
     return fig
 
 

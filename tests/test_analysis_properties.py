@@ -22,18 +22,18 @@ def spiky_norms(draw, n=600):
 
 
 @FAST
-@given(spiky_norms(), st.integers(-20, 20), st.sampled_from(["mad", "ratio"]))
-def test_scaling_a_norm_series_keeps_the_spike_steps(x, power, method):
+@given(spiky_norms(), st.integers(-20, 20), st.sampled_from(["mad:6", "ratio:10", "mad:6+ratio:3|ratio:10"]))
+def test_scaling_a_norm_series_keeps_the_spike_steps(x, power, rule):
     scaled = x * 2.0**power
     steps = ["step", "peak_step", "end_step", "n_steps"]
-    pd.testing.assert_frame_equal(find_spikes(x, method=method)[steps], find_spikes(scaled, method=method)[steps])
+    pd.testing.assert_frame_equal(find_spikes(x, rule)[steps], find_spikes(scaled, rule)[steps])
 
 
 @FAST
-@given(spiky_norms(), st.integers(-10**6, 10**6), st.sampled_from(["mad", "sigma", "ratio"]))
-def test_shifting_steps_shifts_every_spike_step(x, shift, method):
+@given(spiky_norms(), st.integers(-10**6, 10**6), st.sampled_from(["mad:6", "sigma:7", "ratio:10", "mad:6+ratio:3|ratio:10"]))
+def test_shifting_steps_shifts_every_spike_step(x, shift, rule):
     moved = x.set_axis(x.index + shift)
-    a, b = find_spikes(x, method=method), find_spikes(moved, method=method)
+    a, b = find_spikes(x, rule), find_spikes(moved, rule)
     for col in ("step", "peak_step", "end_step"):
         np.testing.assert_array_equal(a[col] + shift, b[col])
     np.testing.assert_allclose(a["score"], b["score"])
@@ -51,11 +51,11 @@ def test_shifting_steps_shifts_lead_lag_matches(first, last, shift):
 
 @FAST
 @given(st.floats(1e-6, 1e6), st.floats(0, 2), st.floats(0, 0.01), st.integers(1, 1000), st.booleans(),
-       st.sampled_from(["mad", "sigma", "ratio"]))
-def test_no_spikes_in_a_smooth_monotone_series(scale, power, rate, t0, decreasing, method):
+       st.sampled_from(["mad:6", "sigma:7,window=1000", "ratio:10", "mad:6+ratio:3|ratio:10"]))
+def test_no_spikes_in_a_smooth_monotone_series(scale, power, rate, t0, decreasing, rule):
     t = np.arange(2000) + t0
     x = scale * t**power * np.exp(rate * t)
-    assert find_spikes(pd.Series(x[::-1] if decreasing else x), method=method).empty
+    assert find_spikes(pd.Series(x[::-1] if decreasing else x), rule).empty
 
 
 @st.composite

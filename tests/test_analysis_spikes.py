@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import find_spikes, peak_ratio
+from analysis import DEFAULT_RULE, SpikeRule, find_spikes, peak_ratio, running_ratio
 from analysis.spikes import causal_median
 
 N = 5000
@@ -16,11 +16,11 @@ def noisy_norms(seed=0, n=N, columns=("patch_embed", "blocks.0", "predictor")):
     return pd.DataFrame(np.exp(log_x), index=np.arange(n) * 10, columns=list(columns))
 
 
-@pytest.mark.parametrize("method", ["mad", "sigma", "ratio"])
-def test_injected_spikes_in_heavy_tailed_noise_are_found(method):
+@pytest.mark.parametrize("rule", ["mad:6", "sigma:7,window=1000", "ratio:10", None])
+def test_injected_spikes_in_heavy_tailed_noise_are_found(rule):
     x = noisy_norms()
     x.iloc[SPIKES, 0] *= 30
-    events = find_spikes(x, method=method)
+    events = find_spikes(x, rule)
     found = events.loc[events["layer"] == "patch_embed", "step"].tolist()
     assert set(x.index[SPIKES]) <= set(found)
     assert len(events) - len(SPIKES) <= 0.002 * x.size  # false alarms are rare
@@ -32,7 +32,7 @@ def test_injected_spikes_in_heavy_tailed_noise_are_found(method):
 def test_consecutive_flagged_values_form_one_event():
     x = noisy_norms(columns=("a",))["a"]
     x.iloc[1000:1003] *= [20, 80, 40]
-    event = find_spikes(x, method="ratio").iloc[0]
+    event = find_spikes(x, "ratio:10").iloc[0]
     assert (event.layer, event.step, event.peak_step, event.end_step, event.n_steps) == (
         "a", x.index[1000], x.index[1001], x.index[1002], 3)
 
@@ -44,14 +44,14 @@ def test_warmup_and_invalid_values():
     x.iloc[400] = 0.0
     steps = find_spikes(x)["step"].tolist()
     assert x.index[20] not in steps and x.index[1000] in steps
-    assert x.index[20] in find_spikes(x, warmup=10)["step"].tolist()
+    assert x.index[20] in find_spikes(x, "mad:6+ratio:3|ratio:10,warmup=10")["step"].tolist()
     assert set(steps).isdisjoint(x.index[[300, 301, 400]])
 
 
 def test_sigma_score_is_olmo_rule():
     x = noisy_norms(columns=("a",))["a"]
     x.iloc[3000] *= 30
-    event = find_spikes(x, method="sigma").set_index("step").loc[x.index[3000]]
+    event = find_spikes(x, "sigma:7,window=1000").set_index("step").loc[x.index[3000]]
     past = x.iloc[2000:3000]
     assert event.score == pytest.approx((x.iloc[3000] - past.mean()) / past.std())
 
@@ -59,13 +59,14 @@ def test_sigma_score_is_olmo_rule():
 def test_series_name_layer_order_and_empty():
     x = noisy_norms()
     x.iloc[SPIKES, [2, 0]] *= 30
-    events = find_spikes(x, method="ratio")
+    events = find_spikes(x, "ratio:10")
     assert list(events["layer"].cat.categories) == list(x.columns)
     assert events["layer"].tolist() == ["patch_embed"] * 5 + ["predictor"] * 5
-    assert find_spikes(x["blocks.0"], method="ratio").empty
+    assert find_spikes(x["blocks.0"], "ratio:10").empty
     assert find_spikes(pd.Series([], dtype=float)).empty
-    with pytest.raises(ValueError):
-        find_spikes(x, method="nope")
+    for bad in ["nope:3", "mad", "mad:x", "mad:6+", "ratio:10,window=0", "ratio:10,span=3"]:
+        with pytest.raises(ValueError):
+            find_spikes(x, bad)
 
 
 @pytest.mark.parametrize("window", [1, 2, 7, 100, 101, 6000])
@@ -79,7 +80,7 @@ def test_peak_ratio_is_max_over_shifted_rolling_median():
     norms = noisy_norms(columns=("patch_embed", "blocks.0"))
     norms.iloc[2000, 0] *= 12
     norms.iloc[10, 1] *= 50  # inside the warmup: not counted
-    ratios = peak_ratio(norms, window=100, warmup=50)
+    ratios = peak_ratio(norms, "ratio:10,window=100,warmup=50")
     for layer in norms.columns:
         x = norms[layer]
         baseline = x.rolling(100, min_periods=1).median().shift(1).to_numpy()
@@ -88,3 +89,36 @@ def test_peak_ratio_is_max_over_shifted_rolling_median():
         expected = np.max(x.to_numpy()[50:] / baseline[50:])
         assert ratios[layer] == pytest.approx(expected, rel=0.02)
     assert 9 < ratios["patch_embed"] < 16 and ratios["blocks.0"] < 3
+
+
+def test_rule_text_round_trips_and_the_default_is_named():
+    for text in ["ratio:10", "mad:6", "mad:6+ratio:3", "mad:6+ratio:3|ratio:10", "sigma:7,window=1000",
+                 "ratio:5,warmup=13", "mad:6+ratio:3|ratio:10,window=200,warmup=0"]:
+        assert str(SpikeRule.parse(text)) == text
+    assert SpikeRule.parse(None) == DEFAULT_RULE == SpikeRule.parse(str(DEFAULT_RULE))
+
+
+def test_combined_rule_is_and_within_or_across():
+    x = noisy_norms(columns=("a",))["a"]
+    x.iloc[1000] *= 2.5  # far beyond the noise in z, but under 3x: not a spike for z AND ratio
+    x.iloc[2000] *= 4.0
+    x.iloc[3000] *= 12.0
+    planted = set(x.index[[1000, 2000, 3000]])
+
+    def found(rule):
+        return planted & set(find_spikes(x, rule)["step"])
+
+    assert found("mad:6") == planted
+    assert found("mad:6+ratio:3") == set(x.index[[2000, 3000]])
+    assert found("ratio:10") == {x.index[3000]}
+    assert found("mad:6+ratio:3|ratio:10") == set(x.index[[2000, 3000]])
+    assert found("mad:60|ratio:3.5") == set(x.index[[2000, 3000]])
+
+
+def test_event_ratio_is_the_running_median_ratio():
+    x = noisy_norms(columns=("a",))["a"]
+    x.iloc[2500] *= 40
+    event = find_spikes(x).set_index("step").loc[x.index[2500]]
+    assert event.ratio == pytest.approx(running_ratio(x).loc[x.index[2500]])
+    assert event.ratio == pytest.approx(event.value / event.baseline)
+    assert peak_ratio(x).iloc[0] == pytest.approx(event.ratio)
