@@ -27,6 +27,13 @@ def test_lr_at(step, expected):
     assert lr_at(step, **LR) == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("step, expected", [(0, 0.0), (500, 1.2e-3), (1000, 2.4e-3), (5500, 2.4e-3), (12000, 2.4e-3)])
+def test_constant_schedule_holds_the_peak_after_warmup(step, expected):
+    assert lr_at(step, **LR, schedule="constant") == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError):
+        lr_at(step, **LR, schedule="linear")
+
+
 def test_lr_without_warmup_starts_at_peak():
     assert lr_at(0, **{**LR, "warmup_epochs": 0}) == pytest.approx(2.4e-3)
 

@@ -55,6 +55,17 @@ def test_a_run_writes_every_table(tmp_path):
     assert "checkpoint" in set(run.events["kind"])
 
 
+def test_fresh_bank_knn_on_fixed_subsets_every_few_steps(tmp_path):
+    trainer, run = run_tiny(tmp_path, "knn.full_every_steps=5", "knn.bank_size=40", "knn.full_queries=30",
+                            "optim.schedule=constant", "optim.warmup_steps=3")
+    val = run.knn[run.knn["source"] == "val"]
+    assert val["step"].tolist() == [4, 9, 11]  # every 5 steps, and once at the end (12 steps)
+    assert (val["bank_size"] == 40).all() and (val["n_queries"] == 30).all()
+    lr = run.steps["lr"].to_numpy()
+    peak = trainer.peak_lr
+    np.testing.assert_allclose(lr, [0, peak / 3, 2 * peak / 3] + [peak] * 9)
+
+
 def test_queue_knn_beats_chance_on_structured_data(tmp_path):
     _, run = run_tiny(tmp_path)
     assert run.knn[run.knn["source"] == "val"]["top1"].iloc[-1] > 0.3  # 10 classes: chance 0.1

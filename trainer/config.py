@@ -33,6 +33,7 @@ CHOICES = {
     "model.pool": POOLS,
     "model.patch_proj": PATCH_PROJS,
     "optim.name": ("adamw", "lamb", "lars"),
+    "optim.schedule": ("cosine", "constant"),
     "data.dataset": ("imagefolder", "cifar10", "cifar100", "synthetic"),
     "data.augment": ("mocov3", "none"),
     "knn.backend": ("auto", "faiss", "torch"),
@@ -78,6 +79,8 @@ class OptimConfig:
     batch_size: int = 128  # global batch over all ranks
     epochs: float = 3.0
     warmup_epochs: float = 0.5
+    warmup_steps: Optional[int] = None  # warmup length in steps instead of warmup_epochs
+    schedule: str = "cosine"  # cosine (official: warmup, then cosine to 0 at `epochs`) | constant (peak held)
     max_steps: Optional[int] = None  # stop after this many steps (total); schedules still span `epochs`
 
 
@@ -104,6 +107,9 @@ class KnnConfig:
     queue_fraction: float = 0.1  # queue size as a fraction of the training set
     val_size: int = 5000  # held-out queries per queue evaluation (capped by the split size)
     full_every_epochs: float = 1.0  # full held-out kNN (fresh bank) every this many epochs; 0 = off
+    full_every_steps: Optional[int] = None  # the same in steps (overrides full_every_epochs)
+    bank_size: Optional[int] = None  # fresh-bank kNN: a fixed seeded subset of the training split; None = all
+    full_queries: Optional[int] = None  # fresh-bank kNN: a fixed seeded subset of the held-out split; None = all
     backend: str = "auto"  # auto | faiss | torch
 
 

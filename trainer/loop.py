@@ -128,6 +128,8 @@ class Trainer:
         # the schedules always span optim.epochs; optim.max_steps only stops early
         self.schedule_steps = max(1, round(cfg.optim.epochs * self.steps_per_epoch))
         self.total_steps = min(self.schedule_steps, cfg.optim.max_steps or self.schedule_steps)
+        self.warmup_epochs = (cfg.optim.warmup_epochs if cfg.optim.warmup_steps is None
+                              else cfg.optim.warmup_steps / self.steps_per_epoch)
 
         self.model = MoCo(cfg.model, cfg.moco).to(self.device)
         if self.world > 1:
@@ -152,7 +154,12 @@ class Trainer:
             self.knn = KnnMonitor(queue_size, self.model.feature_dim, self.data.num_classes,
                                   k=cfg.knn.k, temperature=cfg.knn.temperature,
                                   backend=cfg.knn.backend, device=self.device)
-            self.knn_queries = self._held_out_subset(cfg.knn.val_size) if self.is_main else None
+            self.knn_queries = self._fixed_subset(self.data.val_plain, cfg.knn.val_size) if self.is_main else None
+            # fresh-bank kNN on fixed subsets, decoded once, or (None) on the whole splits, streamed
+            self.full_bank = (self._fixed_subset(self.data.train_plain, cfg.knn.bank_size)
+                              if self.is_main and cfg.knn.bank_size else None)
+            self.full_queries = (self._fixed_subset(self.data.val_plain, cfg.knn.full_queries)
+                                 if self.is_main and cfg.knn.full_queries else None)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.step_rows: list[dict] = []
@@ -169,15 +176,14 @@ class Trainer:
     def _epoch(self, step: int) -> float:
         return step / self.steps_per_epoch
 
-    def _held_out_subset(self, size: int):
-        """A fixed seeded subset of the held-out split, decoded once and kept on the device
-        (float16 to halve memory), so each queue-kNN evaluation costs one forward pass."""
-        val = self.data.val_plain
-        size = min(size, len(val))
+    def _fixed_subset(self, dataset, size: int):
+        """A fixed seeded subset of a plain dataset, decoded once and kept on the device
+        (float16 to halve memory), so each kNN evaluation on it costs one forward pass."""
+        size = min(size, len(dataset))
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        indices = torch.randperm(len(val), generator=generator)[:size].tolist()
+        indices = torch.randperm(len(dataset), generator=generator)[:size].tolist()
         images, labels = [], []
-        for x, y in self._eval_loader(torch.utils.data.Subset(val, indices)):
+        for x, y in self._eval_loader(torch.utils.data.Subset(dataset, indices)):
             images.append(x.to(self.device, torch.float16))
             labels.append(y.to(self.device))
         return torch.cat(images), torch.cat(labels)
@@ -222,10 +228,18 @@ class Trainer:
             self.last_top1 = result["top1"]
             self._knn_row("queue", result)
 
+    def _features_of_subset(self, subset, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and labels of a cached fixed subset, or of the whole dataset streamed."""
+        if subset is None:
+            return self._features_of(dataset)
+        images, labels = subset
+        return self._embed(images.split(256)), labels
+
     def evaluate_full_knn(self) -> None:
-        """Fresh bank of the whole training split (no augmentation) vs the whole held-out split."""
-        bank, bank_labels = self._features_of(self.data.train_plain)
-        queries, labels = self._features_of(self.data.val_plain)
+        """Fresh bank of the training split (no augmentation) vs the held-out split, each
+        whole or its fixed subset (knn.bank_size, knn.full_queries)."""
+        bank, bank_labels = self._features_of_subset(self.full_bank, self.data.train_plain)
+        queries, labels = self._features_of_subset(self.full_queries, self.data.val_plain)
         scores = knn_predict(bank, bank_labels, queries, k=self.cfg.knn.k,
                              temperature=self.cfg.knn.temperature,
                              num_classes=self.data.num_classes, backend=self.cfg.knn.backend)
@@ -278,8 +292,8 @@ class Trainer:
         cfg = self.cfg
         started = time.perf_counter()
         lr = lr_at(self.step, base_lr=cfg.optim.base_lr, global_batch=cfg.optim.batch_size,
-                   steps_per_epoch=self.steps_per_epoch, warmup_epochs=cfg.optim.warmup_epochs,
-                   epochs=cfg.optim.epochs)
+                   steps_per_epoch=self.steps_per_epoch, warmup_epochs=self.warmup_epochs,
+                   epochs=cfg.optim.epochs, schedule=cfg.optim.schedule)
         m = momentum_at(self.step, m=cfg.moco.m, steps_per_epoch=self.steps_per_epoch,
                         epochs=cfg.optim.epochs, cosine=cfg.moco.m_cos)
         for group in self.optimizer.param_groups:
@@ -327,14 +341,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
+    def _full_knn_every(self) -> int:
+        """Steps between fresh-bank kNN evaluations (knn.full_every_steps, else
+        knn.full_every_epochs); 0 = never."""
+        knn = self.cfg.knn
+        if self.knn is None:
+            return 0
+        if knn.full_every_steps:
+            return knn.full_every_steps
+        return max(1, round(knn.full_every_epochs * self.steps_per_epoch)) if knn.full_every_epochs > 0 else 0
+
     def fit(self) -> None:
         cfg = self.cfg
         self.writer.update_meta(device=str(self.device) if self.device.type == "cpu"
                                 else torch.cuda.get_device_name(self.device),
                                 world_size=self.world, precision=self.precision,
                                 total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
-        full_every = (max(1, round(cfg.knn.full_every_epochs * self.steps_per_epoch))
-                      if self.knn is not None and cfg.knn.full_every_epochs > 0 else 0)
+        full_every = self._full_knn_every()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.log.progress and self.is_main),
                    unit="step", dynamic_ncols=True)
         try:

@@ -17,17 +17,25 @@ def _epoch(step: int, steps_per_epoch: int, epochs: float) -> float:
     return min(step / steps_per_epoch, epochs)
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 def lr_at(step: int, *, base_lr: float, global_batch: int, steps_per_epoch: int,
-          warmup_epochs: float, epochs: float) -> float:
+          warmup_epochs: float, epochs: float, schedule: str = "cosine") -> float:
     """Learning rate of optimizer step `step`.
 
     Peak lr = base_lr * global_batch / 256 (linear scaling rule); linear warmup from 0 over
-    `warmup_epochs`, then half-cycle cosine to 0 at `epochs`.
+    `warmup_epochs`, then half-cycle cosine to 0 at `epochs` (schedule="cosine", the
+    official one) or the peak held (schedule="constant", for long runs at a fixed lr).
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
     peak = base_lr * global_batch / 256
     epoch = _epoch(step, steps_per_epoch, epochs)
     if epoch < warmup_epochs:
         return peak * epoch / warmup_epochs
+    if schedule == "constant":
+        return peak
     progress = (epoch - warmup_epochs) / (epochs - warmup_epochs) if epochs > warmup_epochs else 1.0
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
