@@ -1,57 +1,104 @@
-"""One run in a few numbers: the dict behind `stabilitylab analyze` and `compare_runs`."""
+"""One run in a few numbers and a verdict: the dict behind `stabilitylab analyze`, the
+report's verdict block and `compare_runs`.
+
+`analyze_run` computes everything once (the summary dict and the frames behind it, for
+plots); `summarize_run` returns its dict; `verdict_text` turns the dict into the sentences
+that `analyze` prints and the report shows, so the two cannot disagree.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from .dips import find_knn_dips, knn_curves
-from .leadlag import spike_lead_lag
-from .spikes import SpikeRule, find_spikes, peak_ratio
+from .leadlag import LeadLagResult, spike_lead_lag
+from .spikes import SpikeRule, find_spikes, running_ratio, valid_values
 
 FINAL_LOSS_STEPS = 100
+MAX_EXCURSIONS = 5
+DEFAULT_FIRST = "patch_embed"
 DIP_FIELDS = ["source", "start_step", "bottom_step", "end_step", "peak", "bottom", "depth",
               "depth_noise", "recovered", "confirmed"]
 
 
-def summarize_run(run, *, first="patch_embed", rule=None) -> dict:
-    """Summarize a run (anything with name, meta, steps, knn, layers, grad_norms()).
+@dataclass
+class RunAnalysis:
+    """What `analyze_run` computed for one run: `summary` (the `summarize_run` dict) and the
+    frames behind it: grad_norms (wide, `Run.grad_norms()`), events (spike events of every
+    layer, `find_spikes` columns), dips (`find_knn_dips`), lead_lag (None without the first
+    layer), and the `rule` used."""
 
-    kNN numbers use the `val` source when the run has one (a fresh feature bank), else
-    `queue`; `knn_source` says which. Keys:
-    name, status, n_steps, last_step, final_loss (mean of the last 100 finite losses),
-    knn_source, final_top1, best_top1, n_dips, deepest_dip, dip_area (top-1 x epochs),
-    roughness (sum of the falls between consecutive evaluations), all for that source;
-    dips (every source's dips, with `confirmed` by the other source), n_confirmed_dips,
-    n_unconfirmed_dips; spikes (events per layer), n_first_layer_spikes,
-    first_peak_ratio / last_peak_ratio (largest gradient norm over its running median, see
-    `peak_ratio`, for `first` and for the lead-lag's last layer),
-    first_leads_frac (share of matched later-layer events that `first` preceded),
-    lead_lag (last-layer verdict, p_value, median_lag, summary); notes (what is missing).
-    spike_rule (the rule's text). Missing data gives None values and a note, never an error.
-    JSON-serializable. rule: the `SpikeRule` (or its text) of every spike number; default
-    `DEFAULT_RULE`.
-    """
+    summary: dict
+    grad_norms: pd.DataFrame
+    events: pd.DataFrame
+    dips: pd.DataFrame
+    lead_lag: LeadLagResult | None
+    rule: SpikeRule
+
+
+def analyze_run(run, *, first=None, rule=None) -> RunAnalysis:
+    """Summarize a run (anything with name, meta, steps, knn, layers, grad_norms()) and keep
+    the frames behind the numbers. See `summarize_run` for the arguments and the keys."""
     rule = SpikeRule.parse(rule)
+    meta = run.meta or {}
+    first = first or meta.get("first_layer") or DEFAULT_FIRST
     steps = run.steps
     loss = steps["loss"].astype(float) if "loss" in steps else pd.Series(dtype=float)
     loss = loss[np.isfinite(loss)]
     s = {
         "name": run.name,
-        "status": (run.meta or {}).get("status", "unknown"),
+        "status": meta.get("status", "unknown"),
         "n_steps": len(steps),
         "last_step": steps["step"].max() if len(steps) else None,
         "final_loss": loss.tail(FINAL_LOSS_STEPS).mean() if len(loss) else None,
         "spike_rule": str(rule),
+        "spike_window": rule.window,
+        "spike_warmup": rule.warmup,
+        "warnings": [],
         "notes": [],
     }
-    s.update(_knn_summary(run.knn, s["notes"]))
-    s.update(_spike_summary(run, first, rule, s["notes"]))
-    return _jsonable(s)
+    dips = find_knn_dips(run.knn)
+    s.update(_knn_summary(run.knn, dips, s["notes"]))
+    grad_norms = run.grad_norms() if len(run.layers) else pd.DataFrame()
+    spikes, events, lead_lag = _spike_summary(grad_norms, first, meta.get("last_block"), rule, s)
+    s.update(spikes)
+    return RunAnalysis(_jsonable(s), grad_norms, events, dips, lead_lag, rule)
 
 
-def _knn_summary(knn: pd.DataFrame, notes: list) -> dict:
+def summarize_run(run, *, first=None, rule=None) -> dict:
+    """Summarize a run (anything with name, meta, steps, knn, layers, grad_norms()).
+
+    first: the layer expected to lead; default `run.meta["first_layer"]`, else
+    "patch_embed". The lead-lag's last layer is `run.meta["last_block"]` when the run names
+    one, else the last `blocks.N` column (see `spike_lead_lag`). rule: the `SpikeRule` (or
+    its text) of every spike number; default `DEFAULT_RULE`.
+
+    kNN numbers use the `val` source when the run has one (a fresh feature bank), else
+    `queue`; `knn_source` says which. Keys:
+    name, status, n_steps, last_step, final_loss (mean of the last 100 finite losses);
+    spike_rule (the rule's text), spike_window, spike_warmup;
+    knn_source, final_top1, best_top1, n_dips, deepest_dip, dip_area (top-1 x epochs),
+    roughness (sum of the falls between consecutive evaluations), all for that source;
+    dips (every source's dips, with `confirmed` by the other source and depth_noise, the
+    depth in units of one evaluation's binomial noise), n_confirmed_dips, n_unconfirmed_dips;
+    spikes (events per layer), n_first_layer_spikes;
+    largest_excursions (at most 5 dicts layer, step, ratio, spike: the largest gradient norms
+    over their running median, largest first: every spike event's peak and each layer's
+    largest value after the warm-up; spike says whether the rule calls it a spike);
+    first_peak_ratio / last_peak_ratio (the largest ratio of `first` and of the last layer);
+    first_leads_frac (share of matched later-layer events that `first` preceded);
+    lead_lag (first, last, verdict, n_first_events, n_last_events, n_matched, median_lag,
+    association_p, direction_p, max_lag, xcorr_lag, summary); warnings (what makes the numbers unreliable, e.g. a run
+    shorter than the rule's warm-up); notes (what is missing).
+    Missing data gives None values and a note, never an error. JSON-serializable.
+    """
+    return analyze_run(run, first=first, rule=rule).summary
+
+
+def _knn_summary(knn: pd.DataFrame, dips: pd.DataFrame, notes: list) -> dict:
     curves = knn_curves(knn)
     if not curves:
         notes.append("no kNN evaluations")
@@ -60,7 +107,6 @@ def _knn_summary(knn: pd.DataFrame, notes: list) -> dict:
     source = "val" if "val" in curves else next(iter(curves))
     curve = curves[source]
     top1 = curve["top1"]
-    dips = find_knn_dips(knn)
     main = dips[dips["source"] == source]
     has_epochs = "epoch" in curve and (curve.index > 0).any()
     epochs_per_step = (curve["epoch"] / curve.index)[curve.index > 0].median() if has_epochs else np.nan
@@ -78,31 +124,70 @@ def _knn_summary(knn: pd.DataFrame, notes: list) -> dict:
     )
 
 
-def _spike_summary(run, first: str, rule: SpikeRule, notes: list) -> dict:
-    grad_norms = run.grad_norms() if len(run.layers) else pd.DataFrame()
+def _spike_summary(grad_norms: pd.DataFrame, first: str, last, rule: SpikeRule, s: dict):
+    """(summary keys, spike events, LeadLagResult or None) of the gradient norms."""
     if grad_norms.empty:
-        notes.append("no per-layer gradient norms")
-        return dict(spikes={}, n_first_layer_spikes=None, first_peak_ratio=None, last_peak_ratio=None,
-                    first_leads_frac=None, lead_lag=None)
-    ratios = peak_ratio(grad_norms, rule)
-    if first not in grad_norms.columns:
-        notes.append(f"{first} not logged: no lead-lag")
-        events = find_spikes(grad_norms, rule)
-        lead_lag, leads, last_layer = None, None, None
-    else:
-        ll = spike_lead_lag(grad_norms, first=first, rule=rule)
+        s["notes"].append("no per-layer gradient norms")
+        return (dict(spikes={}, n_first_layer_spikes=None, largest_excursions=[], first_peak_ratio=None,
+                     last_peak_ratio=None, first_leads_frac=None, lead_lag=None),
+                pd.DataFrame(columns=["layer", "step", "peak_step", "end_step", "ratio"]), None)
+    n_values = int(grad_norms.apply(lambda c: len(valid_values(c))).max())
+    if n_values <= rule.warmup:
+        s["warnings"].append(
+            f"only {n_values} gradient-norm values per layer, not more than the spike rule's warm-up "
+            f"of {rule.warmup}: no spike can be detected and no ratio measured yet")
+    if first in grad_norms.columns:
+        last = last if last in grad_norms.columns and last != first else None
+        ll = spike_lead_lag(grad_norms, first=first, rule=rule, last=last)
         events = ll.events
         leads = (ll.matches["lag"] > 0).mean() if len(ll.matches) else None
-        last_layer = ll.last
-        last = ll.per_layer[ll.per_layer["layer"] == ll.last].to_dict("records")
-        last = last[0] if last else {}
-        lead_lag = dict(first=first, last=ll.last, verdict=ll.verdict, p_value=last.get("p_value"),
-                        median_lag=last.get("median_lag"), n_matched=last.get("n_matched"),
-                        xcorr_lag=last.get("xcorr_lag"), summary=ll.summary)
-    spikes = events.groupby("layer", observed=False).size()
-    return dict(spikes=spikes.to_dict(), n_first_layer_spikes=spikes.get(first),
-                first_peak_ratio=ratios.get(first), last_peak_ratio=ratios.get(last_layer),
-                first_leads_frac=leads, lead_lag=lead_lag)
+        last = ll.last
+        per_layer = ll.per_layer
+        if "association_p" not in per_layer:  # MERGE(i12-analysis): remove; spike_lead_lag names it association_p
+            per_layer = per_layer.rename(columns={"p_value": "association_p"})
+        row = per_layer[per_layer["layer"] == last].to_dict("records")
+        row = row[0] if row else {}
+        lead_lag = dict(first=first, last=last, verdict=ll.verdict, n_first_events=row.get("n_first_events"),
+                        n_last_events=row.get("n_layer_events"), n_matched=row.get("n_matched"),
+                        median_lag=row.get("median_lag"), association_p=row.get("association_p"),
+                        direction_p=row.get("direction_p"), max_lag=ll.max_lag,
+                        xcorr_lag=row.get("xcorr_lag"), summary=ll.summary)
+    else:
+        s["notes"].append(f"{first} not logged: no lead-lag")
+        events = find_spikes(grad_norms, rule)
+        ll, leads, lead_lag, last = None, None, None, None
+    peaks = _layer_peaks(grad_norms, rule)
+    counts = events.groupby("layer", observed=False).size()
+    return (dict(spikes=counts.to_dict(), n_first_layer_spikes=counts.get(first),
+                 largest_excursions=_largest_excursions(events, peaks),
+                 first_peak_ratio=peaks["ratio"].get(first), last_peak_ratio=peaks["ratio"].get(last),
+                 first_leads_frac=leads, lead_lag=lead_lag),
+            events, ll)
+
+
+def _layer_peaks(grad_norms: pd.DataFrame, rule: SpikeRule) -> pd.DataFrame:
+    """Step and ratio of each layer's largest value over its running median, after the
+    rule's warm-up (the `peak_ratio` of the layer, with its step); index layer."""
+    ratios = running_ratio(grad_norms, rule.window)
+    rows = {}
+    for layer in grad_norms.columns:
+        ratio = ratios.loc[valid_values(grad_norms[layer]).index, layer].iloc[rule.warmup:].dropna()
+        if len(ratio):
+            rows[layer] = {"step": ratio.idxmax(), "ratio": ratio.max()}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["step", "ratio"])
+
+
+def _largest_excursions(events: pd.DataFrame, peaks: pd.DataFrame) -> list[dict]:
+    """The MAX_EXCURSIONS largest of: every event's peak and every layer's peak."""
+    spikes = pd.DataFrame({"layer": events["layer"].astype(str), "step": events["peak_step"],
+                           "ratio": events["ratio"], "spike": True})
+    in_event = [((events["layer"].astype(str) == layer) & (events["step"] <= step)
+                 & (events["end_step"] >= step)).any() for layer, step in zip(peaks.index, peaks["step"])]
+    layer_peaks = pd.DataFrame({"layer": peaks.index.astype(str), "step": peaks["step"].to_numpy(),
+                                "ratio": peaks["ratio"].to_numpy(), "spike": in_event})
+    both = pd.concat([spikes, layer_peaks[~layer_peaks["spike"]]], ignore_index=True)
+    both = both.sort_values("ratio", ascending=False, kind="stable").head(MAX_EXCURSIONS)
+    return both.to_dict("records")
 
 
 def _jsonable(x):
@@ -120,37 +205,120 @@ def _jsonable(x):
     return x
 
 
+# ------------------------------------------------------------------ words
+
+def _g(v) -> str:
+    """A number to 3 significant digits, as every hover and text shows it."""
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _int(v) -> str:
+    return "n/a" if v is None else f"{int(v)}"
+
+
+CONFIRMED = {True: "confirmed by the other kNN", False: "NOT confirmed by the other kNN (monitor artifact?)",
+             None: "unchecked (one kNN source)"}
+
+
+def dip_sentence(d: dict) -> str:
+    """One dip of `summarize_run(...)["dips"]` in words, with its steps and noise units."""
+    noise = "" if d["depth_noise"] is None else f" = {d['depth_noise']:.1f} noise units"
+    return (f"{d['source']} dip, steps {_int(d['start_step'])}-{_int(d['bottom_step'])}-{_int(d['end_step'])} "
+            f"(start-bottom-end): -{100 * d['depth']:.1f} points{noise}, "
+            f"{'recovered' if d['recovered'] else 'not recovered'}, {CONFIRMED[d['confirmed']]}")
+
+
+def excursion_sentence(e: dict) -> str:
+    """One entry of `largest_excursions` in words."""
+    return (f"{e['layer']} at step {_int(e['step'])}: {_g(e['ratio'])}x its running median"
+            + (" (spike)" if e["spike"] else " (below the rule)"))
+
+
+def lead_lag_sentence(ll: dict, detail: bool = True) -> str:
+    """The lead-lag dict of a summary in words: the verdict and, with `detail`, n matched,
+    median lag and both p-values."""
+    first, last = ll["first"], ll["last"]
+    unmatched = (f"{first} had no spikes, so nothing to lead" if not ll.get("n_first_events") else
+                 f"{last} had no spikes to match" if not ll.get("n_last_events") else
+                 f"none of the {_int(ll['n_last_events'])} {last} spikes had a {first} spike "
+                 f"within {_g(ll['max_lag'])} steps")
+    words = {"first leads": f"{first} spikes lead {last} spikes",
+             "not significant": f"no evidence that {first} spikes lead {last} spikes",
+             "no matched spikes": unmatched,
+             "no later layer": "no later layer to compare"}
+    text = f"{first} vs {last}" if last else first
+    text += f": {words.get(ll['verdict'], ll['verdict'])}"
+    if detail and ll.get("n_matched"):
+        text += (f" ({_int(ll['n_matched'])} matched spikes, median lag {_g(ll['median_lag'])} steps, "
+                 f"association p = {_g(ll['association_p'])}, direction p = {_g(ll['direction_p'])})")
+    return text
+
+
+def verdict_text(summary: dict) -> dict:
+    """The verdict of a `summarize_run` dict as sentences: headline (one line: is the run
+    unstable, where, does the first layer lead), rule, spikes, knn (the kNN source or None),
+    excursions (list), dips (list), lead_lag, warnings, notes. `format_summary` prints them; the report shows them."""
+    s = summary
+    counts = {k: v for k, v in (s.get("spikes") or {}).items() if v}
+    excursions = s.get("largest_excursions") or []
+    parts = []
+    if s.get("spikes") is not None and (counts or excursions):
+        n = sum(counts.values())
+        top = excursions[0] if excursions else None
+        parts.append((f"{n} spike event(s) in {len(counts)} layer(s)" if n else "no spike events") + (
+            f", largest excursion {top['layer']} {_g(top['ratio'])}x at step {_int(top['step'])}" if top else ""))
+    if s.get("knn_source"):
+        main = [d for d in s["dips"] if d["source"] == s["knn_source"]]
+        parts.append(f"{len(main)} kNN dip(s) ({s['knn_source']})" + (
+            f", deepest -{100 * s['deepest_dip']:.1f} points" if main else ""))
+    ll = s.get("lead_lag")
+    if ll:
+        parts.append(lead_lag_sentence(ll, detail=False))
+    rule = (f"{s['spike_rule']}: a spike is a gradient norm that passes the rule against the median of "
+            f"its previous {s['spike_window']} values (the first {s['spike_warmup']} values are never flagged)")
+    spikes = None
+    if s.get("spikes"):
+        spikes = ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+        if quiet := [k for k, v in s["spikes"].items() if not v]:
+            spikes += f" (0 in {', '.join(quiet)})" if counts else ""
+    return {
+        "headline": "; ".join(parts) + "." if parts else "Nothing to judge yet.",
+        "rule": rule,
+        "spikes": spikes,
+        "knn": s.get("knn_source"),
+        "excursions": [excursion_sentence(e) for e in excursions],
+        "dips": [dip_sentence(d) for d in s.get("dips") or []],
+        "lead_lag": lead_lag_sentence(ll) if ll else None,
+        "warnings": list(s.get("warnings") or []),
+        "notes": list(s.get("notes") or []),
+    }
+
+
 def format_summary(summary: dict) -> str:
     """Readable text of a `summarize_run` dict, for `stabilitylab analyze`."""
     s = summary
-
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.1f}%"
-
-    confirmed = {True: "confirmed", False: "NOT confirmed (monitor artifact?)", None: "unchecked"}
-    lines = [f"Run {s['name']} ({s['status']}, {s['n_steps']} steps)"]
+    v = verdict_text(s)
+    lines = [f"Run {s['name']} ({s['status']}, {s['n_steps']} steps)", f"Verdict: {v['headline']}"]
+    lines += [f"Warning: {w}" for w in v["warnings"]]
     if s.get("final_loss") is not None:
         lines.append(f"Final loss (mean of last {FINAL_LOSS_STEPS} steps): {s['final_loss']:.4f}")
     if s.get("knn_source"):
-        lines.append(f"kNN top-1 ({s['knn_source']}): final {pct(s['final_top1'])}, "
-                     f"best {pct(s['best_top1'])}, roughness {100 * s['roughness']:.1f} points")
-        lines.append(f"Dips ({s['knn_source']}): {s['n_dips']}, deepest {100 * s['deepest_dip']:.1f} "
-                     f"points; over all sources {s['n_confirmed_dips']} confirmed, "
-                     f"{s['n_unconfirmed_dips']} not confirmed by the other kNN")
-        for d in s["dips"]:
-            noise = "" if d["depth_noise"] is None else f" ({d['depth_noise']:.1f} noise)"
-            lines.append(f"  {d['source']:>5} steps {d['start_step']}-{d['bottom_step']}-{d['end_step']}: "
-                         f"-{100 * d['depth']:.1f} points{noise}, "
-                         f"{'recovered' if d['recovered'] else 'not recovered'}, "
-                         f"{confirmed[d['confirmed']]}")
-    if s.get("first_peak_ratio") is not None:
-        last = s["lead_lag"]["last"] if s.get("lead_lag") else "last layer"
-        tail = "" if s.get("last_peak_ratio") is None else f", {last} {s['last_peak_ratio']:.1f}x"
-        lines.append(f"Largest gradient norm over its running median: first layer "
-                     f"{s['first_peak_ratio']:.1f}x{tail} (paper-style spikes: >= 10x)")
-    if s.get("spikes"):
-        lines.append("Spike events: " + ", ".join(f"{k} {v}" for k, v in s["spikes"].items()))
-    if s.get("lead_lag"):
-        lines.append("Lead-lag: " + s["lead_lag"]["summary"])
-    lines += [f"Note: {n}" for n in s["notes"]]
+        lines.append(f"kNN top-1 ({s['knn_source']}): final {_pct(s['final_top1'])}, "
+                     f"best {_pct(s['best_top1'])}, roughness {100 * s['roughness']:.1f} points")
+        lines.append(f"Dips: {s['n_dips']} ({s['knn_source']}); over all sources {s['n_confirmed_dips']} "
+                     f"confirmed, {s['n_unconfirmed_dips']} not confirmed by the other kNN")
+        lines += [f"  {d}" for d in v["dips"]]
+    if v["spikes"] is not None:
+        lines.append(f"Spike rule: {v['rule']}")
+        lines.append(f"Spike events: {v['spikes']}")
+    if v["excursions"]:
+        lines.append("Largest excursions:")
+        lines += [f"  {e}" for e in v["excursions"]]
+    if v["lead_lag"]:
+        lines.append(f"Lead-lag: {v['lead_lag']}")
+    lines += [f"Note: {n}" for n in v["notes"]]
     return "\n".join(lines)

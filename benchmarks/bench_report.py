@@ -1,7 +1,11 @@
-"""Benchmark `stabilitylab report` on a synthetic run: HTML size and build time.
+"""Figure 4 -- `stabilitylab report` on a synthetic run: HTML size and build time; and the
+size of a single-run report of a committed run.
 
     python benchmarks/bench_report.py            # 375,000 steps x 15 layers (target: <= 10 MB, <= 30 s)
     python benchmarks/bench_report.py --quick    # 20,000 steps, under a minute in all
+
+Each figure ends with a `RESULT | figure | measured | goal | status` line. The build time is
+wall clock and process CPU time (the machine may be shared: CPU time is the steadier one).
 
 The synthetic run is written with `RunWriter` like a real one: loss, lr and momentum
 schedules, per-layer gradient norms with spikes that start in the patch projection and reach
@@ -11,6 +15,8 @@ and a val kNN point per epoch. `write_synthetic_run` is also used by the report 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -25,6 +31,12 @@ from stabilitylab.rundir import RunWriter, write_meta  # noqa: E402
 
 STEPS_PER_EPOCH = 1250
 CHUNK_STEPS = 25_000
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_RUN = ROOT / "data_samples" / "runs" / "findings" / "batch512_long_lr1e-1" / "batch_size=512_seed0"
+
+
+def result(figure: str, value: str, goal: str = "", status: str = "") -> None:
+    print(f"RESULT | {figure} | {value} | {goal} | {status}", flush=True)
 
 
 def layer_names(n_layers: int) -> list[str]:
@@ -134,20 +146,33 @@ def main(argv=None) -> int:
     from stabilitylab.report import write_report
     from stabilitylab.run import load_run
 
+    try:
+        load = f", load {os.getloadavg()[0]:.2f}"
+    except OSError:
+        load = ""
+    print(f"figure 4: HTML report -- {platform.processor() or platform.machine()}, {os.cpu_count()} cpus{load}")
+    full = not args.quick and not args.steps
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         t0 = time.perf_counter()
         run_dir = write_synthetic_run(root / "synthetic_run", n_steps, args.layers)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         out = write_report([load_run(run_dir)], root / "report.html")
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         size_mb = out.stat().st_size / 1e6
         print(f"synthetic run: {n_steps:,} steps x {args.layers} layers, written in {t1 - t0:.1f} s")
-        print(f"report: {size_mb:.2f} MB, built in {t2 - t1:.1f} s (load + analysis + HTML)")
-        if not args.quick and not args.steps:
-            ok = size_mb <= 10 and t2 - t1 <= 30
-            print("target (<= 10 MB, <= 30 s):", "met" if ok else "NOT met")
-            return 0 if ok else 1
+        print(f"report: {size_mb:.2f} MB, built in {t2 - t1:.1f} s wall, {c2 - c1:.1f} s CPU "
+              "(load + analysis + HTML)")
+        figure = f"4 report {n_steps} steps x {args.layers} layers"
+        size_ok, time_ok = size_mb <= 10, t2 - t1 <= 30
+        result(f"{figure}, size", f"{size_mb:.2f} MB", "<= 10 MB", ("met" if size_ok else "NOT met") if full else "info")
+        result(f"{figure}, build time", f"{t2 - t1:.1f} s wall ({c2 - c1:.1f} s CPU)", "<= 30 s",
+               ("met" if time_ok else "NOT met") if full else "info")
+        single = write_report([load_run(COMMITTED_RUN)], root / "single.html").stat().st_size / 1e6
+        result(f"4 single-run report size ({COMMITTED_RUN.parent.name}/{COMMITTED_RUN.name})", f"{single:.2f} MB",
+               "<= 2.5 MB", "met" if single <= 2.5 else "NOT met")
+        if full:
+            return 0 if size_ok and time_ok and single <= 2.5 else 1
     return 0
 
 

@@ -2,7 +2,10 @@
 and the paper's Figure 4 form.
 
 Figures are built on `matplotlib.figure.Figure` directly (no pyplot, no global backend
-switch), so this is safe to call from Jupyter and from a headless command line.
+switch), so this is safe to call from Jupyter and from a headless command line. Colours,
+line styles and the grouping of runs by setting are those of the HTML report
+(`stabilitylab.plots`). Legends sit below the axes and the figure grows to hold them, so a
+legend never covers the data nor shrinks the axes.
 """
 from __future__ import annotations
 
@@ -11,12 +14,24 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from plotly.colors import unconvert_from_RGB_255, unlabel_rgb
 
-from analysis import config_table, find_knn_dips, knn_curves, varied_keys
-from analysis import running_ratio
-from stabilitylab.plots import decimate, default_layers
+from analysis import SpikeRule, binomial_noise, find_knn_dips, find_spikes, knn_curves, running_ratio
+from stabilitylab.plots import (PALETTE, decimate, default_layers, run_styles, seed_bands, setting_labels,
+                                steps_per_epoch)
+
+__all__ = ["knn_plot", "knn_seeds_plot", "first_last_plot", "write_figures", "setting_labels",
+           "steps_per_epoch", "file_stems", "save"]
 
 FORMATS = ("png", "pdf")
+WIDTH, AXES_HEIGHT = 6.4, 3.6  # inches: every figure's axes get this height, the legend adds to it
+LEGEND_ROW = 0.2  # inches per legend row
+LEGEND_COLUMNS = 3
+LINESTYLES = {"solid": "-", "dash": "--", "dot": ":", "dashdot": "-.", "longdash": (0, (8, 3)),
+              "longdashdot": (0, (8, 3, 1, 3))}
+ORDINALS = ["1st", "2nd", "3rd"]
+GREY = (0.25, 0.25, 0.25)
 
 
 def mpl_text(text) -> str:
@@ -25,101 +40,134 @@ def mpl_text(text) -> str:
     return " " + text if text.startswith("_") else text
 
 
-def knn_plot(runs, dips: dict | None = None) -> Figure:
-    """kNN top-1 vs step of each run: queue as a line, val as markers; dips shaded.
+def mpl_color(color: str) -> tuple:
+    """A palette colour `rgb(r, g, b)` as a matplotlib RGB tuple."""
+    return unconvert_from_RGB_255(unlabel_rgb(color))
 
+
+def figure_with_legend(n_entries: int) -> tuple[Figure, object]:
+    """A figure whose axes are AXES_HEIGHT tall plus room below for a legend of n entries."""
+    rows = -(-n_entries // LEGEND_COLUMNS)
+    fig = Figure(figsize=(WIDTH, AXES_HEIGHT + LEGEND_ROW * rows + (0.15 if rows else 0)), layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def source_handle(source: str, color) -> Line2D:
+    """Legend entry of a kNN source as `knn_plot` draws it: queue a line, others markers."""
+    if source == "queue":
+        return Line2D([], [], color=color, lw=1)
+    return Line2D([], [], color=color, ls="none", marker="o", ms=3)
+
+
+def legend_below(fig: Figure, handles, labels) -> None:
+    if handles:
+        fig.legend(handles, [mpl_text(name) for name in labels], loc="outside lower center",
+                   ncols=min(LEGEND_COLUMNS, len(handles)), frameon=False, fontsize="small")
+
+
+def knn_plot(runs, dips: dict | None = None) -> Figure:
+    """kNN top-1 vs step: queue as a line, val as markers, each with its binomial +-2 sigma
+    band (one run); dips shaded.
+
+    Several runs: colour per setting, line style per seed (`plots.run_styles`); the legend
+    names the settings, the seeds' line styles and the sources instead of every run.
     `dips` maps a run name to its dips frame (start_step, end_step), e.g. from
     `analysis.find_knn_dips`.
     """
-    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
-    ax = fig.add_subplot()
-    for run in runs:
-        for source, rows in knn_curves(run.knn).items():
-            curve = decimate(rows["top1"] * 100)
-            name = source if len(runs) == 1 else (
-                run.name if source == "queue" else f"{run.name} ({source})")
-            style = dict(lw=1) if source == "queue" else dict(ls="none", marker="o", ms=3)
-            ax.plot(curve.index, curve.to_numpy(), label=mpl_text(name), **style)
+    single = len(runs) == 1
+    styles = run_styles(runs)
+    settings = list(dict.fromkeys(s.setting for s in styles))
+    seeds = max(s.seed_index for s in styles) + 1
+    sources = sorted({source for run in runs for source in knn_curves(run.knn)})
+    n_entries = len(sources) + (0 if single else len(settings) + (seeds if seeds > 1 else 0))
+    fig, ax = figure_with_legend(n_entries)
+    for run, style in zip(runs, styles):
+        for i, (source, rows) in enumerate(knn_curves(run.knn).items()):
+            curve = decimate(rows["top1"])
+            color = mpl_color(PALETTE[i] if single else style.color)
+            x, y = curve.index.to_numpy(), 100 * curve.to_numpy()
+            if source == "queue":
+                ax.plot(x, y, lw=1, color=color, ls=LINESTYLES[style.dash])
+            else:
+                ax.plot(x, y, ls="none", marker="o", ms=3, color=color)
+            if single and "n_queries" in rows:
+                sigma2 = 200 * binomial_noise(curve, rows["n_queries"].reindex(curve.index).astype(float))
+                ax.fill_between(x, y - sigma2, y + sigma2, color=color, alpha=0.2, lw=0)
         for dip in (dips or {}).get(run.name, pd.DataFrame()).itertuples():
             ax.axvspan(dip.start_step, dip.end_step, color="tab:red", alpha=0.15, lw=0)
-    ax.set(xlabel="step", ylabel="kNN top-1 (%)", title=mpl_text(runs[0].name) if len(runs) == 1 else "")
-    ax.legend(frameon=False, fontsize="small")
+    if single:
+        handles = [source_handle(s, mpl_color(PALETTE[i])) for i, s in enumerate(sources)]
+        names = [f"{s} (±2σ band)" for s in sources]
+    else:
+        color_of = {s.setting: s.color for s in styles}
+        handles = [Line2D([], [], color=mpl_color(color_of[name]), lw=2) for name in settings]
+        names = list(settings)
+        if seeds > 1:
+            handles += [Line2D([], [], color=GREY, lw=1, ls=LINESTYLES[d]) for d in list(LINESTYLES)[:seeds]]
+            names += [f"{ORDINALS[i] if i < len(ORDINALS) else f'{i + 1}th'} seed" for i in range(seeds)]
+        handles += [source_handle(s, GREY) for s in sources]
+        names += [f"{s} (line)" if s == "queue" else f"{s} (markers)" for s in sources]
+    ax.set(xlabel="step", ylabel="kNN top-1 (%)", title=mpl_text(runs[0].name) if single else "")
+    legend_below(fig, handles, names)
     return fig
-
-
-def setting_labels(runs, seed_key="seed", keys=None) -> list[str]:
-    """One label per run naming the config values that differ between the runs, seed
-    excluded, so that the seeds of one setting share a label ("all" when nothing differs).
-
-    keys: the dotted config keys to name instead (e.g. ["optim.batch_size", "optim.base_lr"]),
-    for sweeps whose settings also differ in keys that follow from these.
-    """
-    config = config_table(runs)
-    varied = varied_keys(config, exclude=[seed_key]) if keys is None else list(keys)
-    if unknown := [k for k in varied if k not in config.columns]:
-        raise ValueError(f"no run's config has {', '.join(unknown)}")
-    return [", ".join(f"{c.split('.')[-1]}={row[c]}" for c in varied) or "all"
-            for _, row in config.iterrows()]
 
 
 def knn_seeds_plot(runs, source="val", x=None, keys=None) -> Figure:
     """kNN top-1 of each setting (see `setting_labels`): mean over its seeds as a line and
-    +-1 standard deviation as a band, at the points every seed evaluated.
+    +-1 standard deviation as a band, at the points every seed evaluated (`plots.seed_bands`).
 
     x: "step" or "epoch"; default "epoch" when the runs' steps per epoch differ (batch
     sizes), so that their bands line up, else "step".
     keys: the config keys that name a setting (see `setting_labels`).
     """
-    if x is None:
-        x = "epoch" if len({round(n) for n in map(steps_per_epoch, runs) if n}) > 1 else "step"
-    if x not in ("step", "epoch"):
-        raise ValueError(f"x must be 'step' or 'epoch', not {x!r}")
-    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
-    ax = fig.add_subplot()
-    curves = {}
-    for run, label in zip(runs, setting_labels(runs, keys=keys)):
-        curve = knn_curves(run.knn).get(source)
-        if curve is not None:
-            top1 = curve["top1"] * 100
-            if x == "epoch":
-                top1.index = curve["epoch"].round(6)
-            curves.setdefault(label, []).append(top1)
-    for label, members in curves.items():
-        table = pd.concat(members, axis=1, join="inner")
-        mean, std = table.mean(axis=1), table.std(axis=1).fillna(0)
-        line, = ax.plot(mean.index, mean.to_numpy(), lw=1.2, label=mpl_text(f"{label} (n={table.shape[1]})"))
-        ax.fill_between(mean.index, (mean - std).to_numpy(), (mean + std).to_numpy(),
-                        color=line.get_color(), alpha=0.2, lw=0)
+    x, bands = seed_bands(runs, source, x, keys)
+    colors = {s.setting: s.color for s in run_styles(runs, keys=keys)}
+    fig, ax = figure_with_legend(len(bands))
+    handles, names = [], []
+    for name, band in bands.items():
+        color = mpl_color(colors[name])
+        mean, std = band["mean"], band["std"]
+        line, = ax.plot(mean.index, mean.to_numpy(), lw=1.2, color=color,
+                        label=mpl_text(f"{name} (n={int(band['n'].iloc[0])})"))
+        ax.fill_between(mean.index, (mean - std).to_numpy(), (mean + std).to_numpy(), color=color, alpha=0.2, lw=0)
+        handles.append(line)
+        names.append(line.get_label())
     ax.set(xlabel=x, ylabel=f"kNN top-1 ({source}, %)", title="mean and ±1 sd over seeds")
-    ax.legend(frameon=False, fontsize="small")
+    legend_below(fig, handles, names)
     return fig
 
 
-def steps_per_epoch(run) -> float | None:
-    """Optimizer steps per epoch of a run, read off its kNN rows (step + 1 over epoch)."""
-    rows = run.knn.dropna(subset=["epoch"]) if "epoch" in run.knn else run.knn.iloc[:0]
-    rows = rows[rows["epoch"] > 0]
-    return None if rows.empty else float(((rows["step"] + 1) / rows["epoch"]).median())
-
-
-def first_last_plot(grad_norms: pd.DataFrame, title: str = "") -> Figure:
+def first_last_plot(grad_norms: pd.DataFrame, title: str = "", rule=None) -> Figure:
     """First layer vs last transformer block gradient norm, each over its causal running
-    median (Figure 4 form)."""
-    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
-    ax = fig.add_subplot()
+    median (Figure 4 form), the peak of every spike event of either marked; `rule` (a
+    `SpikeRule` or its text, default `DEFAULT_RULE`) finds the events and sets the window."""
+    rule = SpikeRule.parse(rule)
     layers = default_layers(grad_norms.columns)
-    for layer in dict.fromkeys([layers[0], layers[-1]]):
-        curve = decimate(running_ratio(grad_norms[layer]).dropna())
-        ax.plot(curve.index, curve.to_numpy(), lw=0.8, label=mpl_text(layer))
-    ax.set(xlabel="step", ylabel="gradient norm / running median", yscale="log", title=mpl_text(title))
-    ax.legend(frameon=False, fontsize="small")
+    layers = list(dict.fromkeys([layers[0], layers[-1]]))
+    spikes = find_spikes(grad_norms[layers], rule)
+    relative = running_ratio(grad_norms[layers], rule.window)
+    fig, ax = figure_with_legend(2 * len(layers))
+    handles, names = [], []
+    for i, layer in enumerate(layers):
+        color = mpl_color(PALETTE[i])
+        values = relative[layer].dropna()
+        mine = spikes[spikes["layer"].astype(str) == layer]
+        curve = decimate(values, keep=[*mine["step"], *mine["peak_step"]])
+        line, = ax.plot(curve.index, curve.to_numpy(), lw=0.8, color=color)
+        marks, = ax.plot(mine["peak_step"], values.reindex(mine["peak_step"]).to_numpy(), ls="none",
+                         marker="x", ms=6, color=color)
+        handles += [line, marks]
+        names += [layer, f"{layer} spikes ({len(mine)})"]
+    ax.set(xlabel="step", ylabel=f"‖g‖ / median of previous {rule.window}", yscale="log", title=mpl_text(title))
+    legend_below(fig, handles, names)
     return fig
 
 
-def write_figures(runs, directory) -> list[Path]:
+def write_figures(runs, directory, *, rule=None) -> list[Path]:
     """Write, per run, NAME_knn and NAME_grad_first_last (plus knn_overlay for several runs,
     and knn_seeds when some setting has several seeds) as PNG and PDF into `directory`;
-    returns the paths written. Runs without the data for a figure are skipped."""
+    returns the paths written. Runs without the data for a figure are skipped. rule: the
+    `SpikeRule` (or its text) of the marked spikes; default `DEFAULT_RULE`."""
     runs = list(runs)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -130,7 +178,7 @@ def write_figures(runs, directory) -> list[Path]:
             paths += save(knn_plot([run], dips), directory / f"{stem}_knn")
         grad_norms = run.grad_norms() if len(run.layers) else pd.DataFrame()
         if not grad_norms.empty:
-            paths += save(first_last_plot(grad_norms, run.name), directory / f"{stem}_grad_first_last")
+            paths += save(first_last_plot(grad_norms, run.name, rule), directory / f"{stem}_grad_first_last")
     if len(runs) > 1 and any(len(run.knn) for run in runs):
         paths += save(knn_plot(runs), directory / "knn_overlay")
         labels = setting_labels(runs)

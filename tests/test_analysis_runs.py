@@ -5,7 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pathlib import Path
+
 from analysis import compare_runs, figure6_table, format_summary, seed_spread, summarize_run
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data_samples" / "runs"
 
 LAYERS = ["patch_embed", "blocks.0", "blocks.1", "norm", "predictor"]
 N_STEPS = 3000
@@ -72,11 +76,17 @@ def test_summarize_run():
     assert summary["n_unconfirmed_dips"] == 1 and summary["n_confirmed_dips"] == 0
     assert summary["spikes"]["patch_embed"] == 4 and summary["spikes"]["predictor"] == 4
     assert summary["lead_lag"]["verdict"] == "first leads" and summary["lead_lag"]["median_lag"] == 3
-    assert summary["lead_lag"]["p_value"] < 0.01
+    lead_lag = summary["lead_lag"]
+    assert lead_lag["first"] == "patch_embed" and lead_lag["last"] == "blocks.1"  # the last block
+    assert lead_lag["association_p"] < 0.01 and lead_lag["n_matched"] == 4
     assert summary["first_leads_frac"] == 1.0
-    assert summary["notes"] == []
+    assert summary["notes"] == [] and summary["warnings"] == []
+    assert summary["spike_rule"] == "mad:6+ratio:3|ratio:10"
     text = format_summary(summary)
-    assert "Run a (finished" in text and "NOT confirmed" in text and "patch_embed spikes lead" in text
+    assert "Run a (finished" in text and "NOT confirmed" in text
+    assert "patch_embed vs blocks.1: patch_embed spikes lead blocks.1 spikes (4 matched spikes, median lag 3 " \
+           "steps, association p = " in text
+    assert "Spike rule: mad:6+ratio:3|ratio:10" in text
 
 
 def test_summarize_run_without_knn_or_layers():
@@ -131,7 +141,115 @@ def test_peak_ratios_in_the_summary():
     assert 25 < s["first_peak_ratio"] < 40 and 25 < s["last_peak_ratio"] < 40
     quiet = summarize_run(make_run("quiet", spikes=False))
     assert 1.1 < quiet["first_peak_ratio"] < 2.0 and 1.1 < quiet["last_peak_ratio"] < 2.0
-    assert "first layer 1." in format_summary(quiet)
+    assert quiet["spikes"] == dict.fromkeys(LAYERS, 0)
+    assert all(not e["spike"] for e in quiet["largest_excursions"])
+    text = format_summary(quiet)
+    assert "Verdict: no spike events, largest excursion " in text and "(below the rule)" in text
+
+
+def upper_median_ratio(x: np.ndarray, i: int, window: int = 100) -> float:
+    """x[i] over the upper median of the `window` values before it, by sorting."""
+    before = np.sort(x[max(0, i - window):i])
+    return x[i] / before[len(before) // 2]
+
+
+def test_largest_excursions_name_layer_step_and_ratio():
+    run = make_run("a")
+    s = summarize_run(run)
+    excursions = s["largest_excursions"]
+    assert len(excursions) == 5
+    ratios = [e["ratio"] for e in excursions]
+    assert ratios == sorted(ratios, reverse=True)
+    wide = run.grad_norms()
+    for e in excursions:  # each planted 30x spike, against an independent running median
+        x = wide[e["layer"]].to_numpy()
+        assert e["ratio"] == pytest.approx(upper_median_ratio(x, wide.index.get_loc(e["step"])), rel=1e-12)
+        assert e["spike"] and e["step"] in SPIKE_STEPS + [s + 3 for s in SPIKE_STEPS]
+        assert e["ratio"] > 20
+    first = wide["patch_embed"].to_numpy()
+    assert s["first_peak_ratio"] == pytest.approx(max(upper_median_ratio(first, i) for i in SPIKE_STEPS))
+    biggest = excursions[0]
+    text = format_summary(s)
+    assert f"{biggest['layer']} at step {biggest['step']}: {biggest['ratio']:.3g}x its running median (spike)" in text
+    assert f"largest excursion {biggest['layer']} {biggest['ratio']:.3g}x at step {biggest['step']}" in text
+
+
+def test_every_spike_number_follows_the_rule():
+    """The ratios do not depend on the rule's tests; the counts and spike flags do."""
+    run = make_run("a")
+    default, strict = summarize_run(run), summarize_run(run, rule="ratio:100")
+    assert strict["spike_rule"] == "ratio:100" and "Spike rule: ratio:100" in format_summary(strict)
+    assert strict["spikes"] == dict.fromkeys(LAYERS, 0)
+    assert strict["first_peak_ratio"] == default["first_peak_ratio"]
+    # without events, the excursions are the layers' own peaks: one per layer, the same largest
+    assert strict["largest_excursions"][0] == {**default["largest_excursions"][0], "spike": False}
+    assert len({e["layer"] for e in strict["largest_excursions"]}) == len(strict["largest_excursions"])
+    assert not any(e["spike"] for e in strict["largest_excursions"])
+    assert strict["lead_lag"]["verdict"] == "no matched spikes"
+    assert "patch_embed had no spikes, so nothing to lead" in format_summary(strict)
+    wide = summarize_run(run, rule="ratio:10,window=500")
+    assert wide["spike_window"] == 500 and "median of its previous 500 values" in format_summary(wide)
+
+
+def test_committed_run_text_agrees_with_itself():
+    """The issue's example: 'first layer 26.6x its running median' next to 'patch_embed 0'
+    spikes. Under the default rule every >= 10x excursion is a spike, so a layer whose peak
+    is >= 10x has at least one event, and each such excursion is marked as a spike."""
+    import stabilitylab as sl
+
+    run = sl.load_run(SAMPLES / "findings" / "variants_lr1e-1" / "patch_proj=learned_seed0")
+    s = summarize_run(run)
+    text = format_summary(s)
+    assert s["first_peak_ratio"] == pytest.approx(26.6, abs=0.05) and s["spikes"]["patch_embed"] == 1
+    assert "patch_embed at step 71: 26.6x its running median (spike)" in text
+    assert "Spike events: patch_embed 1, cls_token 3, blocks.2 1" in text
+    for e in s["largest_excursions"]:
+        if e["ratio"] >= 10:
+            assert e["spike"] and s["spikes"][e["layer"]] >= 1
+    tens = summarize_run(run, rule="ratio:10")
+    assert sum(tens["spikes"].values()) == sum(1 for e in tens["largest_excursions"] if e["spike"])
+
+
+def test_warning_when_the_run_is_shorter_than_the_warmup():
+    run = make_run("short")
+    for n, warned in [(50, True), (51, False)]:
+        short = FakeRun("short", run.config, run.steps.head(n), run.layers[run.layers["step"] < n],
+                        run.knn[run.knn["step"] < n])
+        s = summarize_run(short)
+        assert bool(s["warnings"]) is warned, (n, s["warnings"])
+    s = summarize_run(FakeRun("short", run.config, run.steps.head(40), run.layers[run.layers["step"] < 40],
+                              run.knn.iloc[:0]))
+    assert s["warnings"] == ["only 40 gradient-norm values per layer, not more than the spike rule's warm-up of "
+                             "50: no spike can be detected and no ratio measured yet"]
+    assert s["first_peak_ratio"] is None and s["largest_excursions"] == []
+    assert "Warning: only 40 gradient-norm values per layer" in format_summary(s)
+    assert summarize_run(short, rule="ratio:10,warmup=20")["warnings"] == []
+
+
+def test_first_and_last_layer_come_from_the_run_meta():
+    run = make_run("a")
+    assert summarize_run(run)["lead_lag"]["last"] == "blocks.1"
+    run.meta = {"status": "finished", "first_layer": "blocks.0", "last_block": "predictor"}
+    s = summarize_run(run)
+    assert (s["lead_lag"]["first"], s["lead_lag"]["last"]) == ("blocks.0", "predictor")
+    assert s["n_first_layer_spikes"] == 0  # blocks.0 has no planted spikes
+    assert summarize_run(run, first="patch_embed")["lead_lag"]["first"] == "patch_embed"
+
+
+def test_dips_are_named_with_steps_and_noise_units():
+    run = make_run("a", val_dip=True, queue_dip=True)
+    s = summarize_run(run)
+    val = [d for d in s["dips"] if d["source"] == "val"]
+    assert len(val) == 1 and val[0]["bottom_step"] == 2000 and val[0]["confirmed"] is True
+    curve = run.knn[run.knn["source"] == "val"].set_index("step")["top1"]
+    noise = np.median(np.sqrt(curve * (1 - curve) / 50_000))  # binomial, 50,000 queries
+    assert val[0]["depth_noise"] == pytest.approx(val[0]["depth"] / noise)
+    assert 20 < val[0]["depth_noise"] < 35  # a 6-point dip at about 2.2 points of noise
+    text = format_summary(s)
+    assert (f"val dip, steps {val[0]['start_step']}-2000-{val[0]['end_step']} (start-bottom-end): "
+            f"-{100 * val[0]['depth']:.1f} points = {val[0]['depth_noise']:.1f} noise units, recovered, "
+            "confirmed by the other kNN") in text
+    assert "1 kNN dip(s) (val), deepest" in text.splitlines()[1]
 
 
 def test_seed_spread_against_numpy():

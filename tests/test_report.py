@@ -1,6 +1,10 @@
 """The HTML report and the static figures, without a browser: content, self-containment,
-escaping, decimation, empty and running runs."""
+escaping, decimation, empty and running runs, the verdict block, bands, grouping by setting."""
+import base64
+import gzip
+import html
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -13,9 +17,10 @@ import yaml
 from plotly.offline import get_plotlyjs
 
 import stabilitylab as sl
-from analysis import find_knn_dips, find_spikes
+from analysis import find_knn_dips, find_spikes, format_summary, summarize_run
+from analysis.summary import verdict_text
 from stabilitylab import plots
-from stabilitylab.report import build_report, write_figures, write_report
+from stabilitylab.report import build_report, plotly_gz, write_figures, write_report
 from stabilitylab.rundir import RunWriter, write_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,14 +28,30 @@ _spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmark
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
+SAMPLES = ROOT / "data_samples" / "runs"
+SINGLE = SAMPLES / "findings" / "batch512_long_lr1e-1" / "batch_size=512_seed0"
 XSS_NAME = "<script>alert(1)</script>"
 XSS_PATH = "/data/</script><script>alert(2)</script>"
+XSS_LAYER = "<img src=x onerror=alert(3)>"
 
 
 def plotlyjs_removed(page: str) -> str:
-    """The page without its inlined plotly.js (whose own code holds tag-like strings)."""
-    assert page.count(get_plotlyjs()) == 1
-    return page.replace(get_plotlyjs(), "")
+    """The page without its inlined, compressed plotly.js."""
+    assert page.count(plotly_gz()) == 1
+    return page.replace(plotly_gz(), "")
+
+
+def plot_specs(page: str) -> list[dict]:
+    """The plotly figure of every plot of a page, parsed from its JSON block."""
+    blocks = re.findall(r'<script type="application/json" data-plot="(plot-\d+)">(.*?)</script>', page, re.S)
+    assert len(blocks) == page.count('class="plot"')
+    return [json.loads(spec) for _, spec in blocks]
+
+
+def page_text(page: str) -> str:
+    """The text a reader sees: tags and <wbr> dropped, entities decoded, spaces collapsed."""
+    body = re.sub(r"<script.*?</script>", " ", page, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<wbr>", "", re.sub(r"<(?!wbr)[^>]+>", " ", body))))
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +79,20 @@ def test_single_run_report_shows_header_verdict_and_every_figure(single_html):
     page = single_html
     for text in ["single", "finished", "imagenet", "vit_base", "learned", "0.00015", "4096", "adamw",
                  "2 d 6 h 30 min", "kNN top-1 (queue)", "kNN top-1 (val)", "kNN dip(s)",
-                 "The first layer leads", "p = ", "Lead-lag of gradient spikes"]:
+                 "patch_embed spikes lead blocks.4 spikes", "association p = ", "Lead-lag of gradient spikes",
+                 "Largest excursions", "Spike rule", "mad:6+ratio:3|ratio:10"]:
         assert text in page, text
     # loss/lr/momentum, kNN, heatmap, relative lines, lag histogram
-    assert page.count('class="plot"') == 5
-    assert page.count("Plotly.newPlot(") == 5
+    assert page.count('class="plot"') == 5 and len(plot_specs(page)) == 5
+    assert "<title>single</title>" in page and "<h1>single</h1>" in page  # a short title
 
 
-def test_plotlyjs_inlined_once_and_nothing_external(single_html):
+def test_plotlyjs_inlined_once_compressed_and_nothing_external(single_html):
     page = single_html
-    assert page.count(get_plotlyjs()) == 1
+    packed = re.search(r'<script type="application/gzip;base64" id="plotly-gz">([^<]*)</script>', page).group(1)
+    assert gzip.decompress(base64.b64decode(packed)).decode() == get_plotlyjs()  # the installed plotly.js
+    assert len(packed) < 0.45 * len(get_plotlyjs())
+    assert "DecompressionStream" in page and "Plotly.newPlot" in page
     assert not re.search(r"<script[^>]*\bsrc\s*=", page, re.I)
     assert not re.search(r"<link[^>]*\bhref\s*=\s*[\"']?(https?:)?//", page, re.I)
     rest = plotlyjs_removed(page)
@@ -86,14 +111,39 @@ def test_names_and_config_values_are_escaped(grid_dirs):
     assert "<script>alert" not in rest and "</script><script>" not in rest
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in rest  # HTML text
     assert "\\u0026lt;script\\u0026gt;alert(1)" in rest  # legend text, inside plot JSON
-    # only our own scripts: plotly.js, the plot config, one per plot
-    assert rest.count("<script") == 2 + rest.count('class="plot"')
+    # only our own scripts: plotly.js, the plot config, the loader, one JSON block per plot
+    assert rest.count("<script") == 3 + rest.count('class="plot"')
+
+
+def hostile_layer_run(path: Path) -> Path:
+    """A short run whose one later layer has a hostile name and spikes after the first."""
+    write_meta(path, {"status": "finished"})
+    writer = RunWriter(path)
+    rng = np.random.default_rng(0)
+    steps = np.arange(400)
+    first, later = np.exp(0.1 * rng.standard_normal(400)), np.exp(0.1 * rng.standard_normal(400))
+    first[[150, 300]] *= 40
+    later[[152, 302]] *= 40
+    writer.append("steps", {"step": steps, "loss": np.linspace(4, 3, 400)})
+    writer.append("layers", {"step": np.repeat(steps, 2), "layer": ["patch_embed", XSS_LAYER] * 400,
+                             "grad_l2": np.column_stack([first, later]).ravel()})
+    writer.close()
+    return path
+
+
+def test_a_hostile_layer_name_stays_text_in_the_verdict_tables_and_plots(tmp_path):
+    page = build_report([sl.load_run(hostile_layer_run(tmp_path / "hostile"))])
+    rest = plotlyjs_removed(page)
+    assert "<img" not in rest and "onerror=alert(3)>" not in rest
+    text = page_text(rest)
+    assert f"{XSS_LAYER} at step 152" in text and f"patch_embed vs {XSS_LAYER}" in text
+    assert rest.count("<script") == 3 + rest.count('class="plot"')
 
 
 def test_several_runs_compare_and_form_the_figure6_grid(grid_dirs):
     runs = sl.load_runs(grid_dirs)
     page = build_report(runs)
-    assert "Comparison" in page and "Runs compared" in page
+    assert "Comparison" in page and "Runs compared" in page and "Verdicts" in page
     assert "Figure 6 form" in page
     rest = plotlyjs_removed(page)
     for run in runs:
@@ -140,6 +190,96 @@ def test_figures_keep_every_spike_and_dip_step(run_dir):
     assert len(fig.layout.shapes) == len(dips)
 
 
+def test_verdict_block_says_what_analyze_prints():
+    """The report's verdict block and `stabilitylab analyze` come from one summarize_run dict:
+    every sentence of one is in the other, on the committed run of the issue."""
+    run = sl.load_run(SAMPLES / "findings" / "variants_lr1e-1" / "patch_proj=learned_seed0")
+    summary = summarize_run(run)
+    verdict = verdict_text(summary)
+    analyze = format_summary(summary)
+    text = page_text(build_report([run]))
+    sentences = [verdict["headline"], verdict["rule"], verdict["spikes"], verdict["lead_lag"],
+                 *verdict["excursions"], *verdict["dips"]]
+    assert len(sentences) == 9
+    for sentence in sentences:
+        assert sentence in analyze and sentence in text, sentence
+    assert "patch_embed at step 71: 26.6x its running median (spike)" in text
+    assert "Spike events patch_embed 1, cls_token 3, blocks.2 1" in text
+
+
+def test_the_rule_reaches_every_spike_number_of_the_report():
+    run = sl.load_run(SINGLE)
+    default, strict = build_report([run]), build_report([run], rule="ratio:1000")
+    assert "27 spike event(s) in 6 layer(s)" in page_text(default)
+    assert "no spike events, largest excursion blocks.2 121x at step 170" in page_text(strict)
+    assert "ratio:1000" in strict and "(below the rule)" in strict
+    figure4 = next(f for f in plot_specs(strict) if "Figure 4" in f["layout"]["title"]["text"])
+    assert not [t for t in figure4["data"] if t.get("mode") == "markers"]
+
+
+def test_single_run_report_of_a_committed_run_is_small():
+    page = build_report([sl.load_run(SINGLE)])
+    assert len(page.encode()) <= 2_500_000
+
+
+def test_hovers_name_the_trace_and_show_3_significant_digits(single_html):
+    for fig in plot_specs(single_html):
+        assert fig["layout"]["hoverlabel"]["namelength"] == -1  # names never cut
+        for trace in fig["data"]:
+            template = trace.get("hovertemplate")
+            if template:
+                numbers = re.findall(r"%\{(?:y|z|customdata(?:\[\d\])?)(:[^}]*)?\}", template)
+                assert numbers and all(fmt == ":.3g" for fmt in numbers if fmt), template
+            else:
+                assert trace.get("hoverinfo") == "skip" or trace["type"] == "histogram", trace
+
+
+def test_knn_plot_draws_the_binomial_band_and_single_points():
+    steps = [19, 39, 59]
+    knn = pd.DataFrame({"step": steps + [39], "source": ["queue"] * 3 + ["val"], "k": 20,
+                        "top1": [0.2, 0.3, 0.25, 0.4], "n_queries": [1000, 1000, 4000, 500], "epoch": 1.0})
+    fig = plots.knn_figure(knn)
+    band = next(t for t in fig.data if t.fill == "toself")
+    queue = next(t for t in fig.data if t.name == "queue")
+    val = next(t for t in fig.data if t.name == "val")
+    p, n = np.array([0.2, 0.3, 0.25]), np.array([1000, 1000, 4000])
+    two_sigma = 200 * np.sqrt(p * (1 - p) / n)
+    np.testing.assert_allclose(band.y[:3], 100 * p + two_sigma)
+    np.testing.assert_allclose(band.y[3:], (100 * p - two_sigma)[::-1])
+    assert "markers" in queue.mode and "markers" in val.mode
+    assert val.error_y.visible and val.error_y.array[0] == pytest.approx(200 * np.sqrt(0.4 * 0.6 / 500))
+    assert not queue.error_y.visible  # the band shows it
+
+
+def test_figure4_marks_every_spike_of_every_plotted_layer():
+    """The issue's example: blocks.2 at 121x at step 170 of the batch-512 run is marked."""
+    run = sl.load_run(SINGLE)
+    grad_norms = run.grad_norms()
+    events = find_spikes(grad_norms)
+    fig = plots.relative_grad_figure(grad_norms, spikes=events)
+    layers = [t.name for t in fig.data if t.mode == "lines" and not t.name.startswith("rule")]
+    assert layers == ["patch_embed", "blocks.2", "blocks.3"]
+    for layer in layers:
+        marks = next((t for t in fig.data if t.name.startswith(f"{layer} spikes")), None)
+        expected = events.loc[events["layer"] == layer, "peak_step"].tolist()
+        assert expected and list(marks.x) == expected, layer
+    marks = next(t for t in fig.data if t.name.startswith("blocks.2 spikes"))
+    assert 170 in marks.x and max(marks.y) == pytest.approx(121, abs=0.5)
+    rules = [t.name for t in fig.data if t.name.startswith("rule")]
+    assert rules == ["rule: mad:6+ratio:3", "rule: ratio:10"]
+    fig = plots.relative_grad_figure(grad_norms)  # spikes found with the rule when not given
+    assert sum(len(t.x) for t in fig.data if t.mode == "markers") == len(
+        events[events["layer"].isin(layers)])
+
+
+def test_lag_histogram_has_one_bin_per_whole_step():
+    matches = pd.DataFrame({"lag": [-2.0, 3.0, 3.0, 10.0]})
+    fig = plots.lag_histogram(matches, max_lag=10)
+    bins = fig.data[0].xbins
+    assert (bins.start, bins.end, bins.size) == (-10.5, 10.5, 1)
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.yaxis.dtick == 1
+
+
 def test_empty_run_report_says_so(tmp_path):
     write_meta(tmp_path / "empty", {"status": "running", "start_time": "2024-01-01T00:00:00+00:00"})
     RunWriter(tmp_path / "empty")
@@ -167,8 +307,8 @@ def test_running_run_reports_what_exists(tmp_path):
 
 
 def test_write_report_and_static_figures(grid_dirs, tmp_path):
-    path = write_report([sl.load_run(grid_dirs[0])], tmp_path / "out" / "report.html")
-    assert path.is_file() and path.stat().st_size > 1_000_000
+    path = write_report([sl.load_run(grid_dirs[0])], tmp_path / "out" / "report.html", rule="ratio:10")
+    assert path.is_file() and path.stat().st_size > 1_000_000 and "ratio:10" in path.read_text()
     paths = write_figures(sl.load_runs(grid_dirs[:2]), tmp_path / "figures")
     names = {p.name for p in paths}
     assert {"knn_overlay.png", "knn_overlay.pdf"} <= names
@@ -269,3 +409,86 @@ def test_a_sweep_concatenates_into_one_frame_with_its_settings(grid_dirs):
         assert set(rows["optim.base_lr"]) == {run.config["optim"]["base_lr"]}
     mean = knn.groupby("model.patch_proj")["top1"].mean()
     assert mean["frozen"] == pytest.approx(pd.concat([r.knn["top1"] for r in runs[2:]]).mean())
+
+
+def test_a_sweep_is_grouped_by_setting_colour_per_setting_line_style_per_seed():
+    from plotly.colors import qualitative
+
+    runs = sl.load_runs(SAMPLES / "findings" / "variants_lr1e-1")
+    styles = plots.run_styles(runs)
+    assert set(plots.PALETTE) == set(qualitative.Safe)  # plotly's colour-blind-safe palette
+    by_setting = {}
+    for run, style in zip(runs, styles):
+        by_setting.setdefault(style.setting, []).append((run.config_value("seed"), style.color, style.dash))
+    assert sorted(by_setting) == [f"patch_proj={v}" for v in ("batchnorm", "frozen", "learned", "weightnorm")]
+    assert len({members[0][1] for members in by_setting.values()}) == 4  # one distinct colour each
+    for members in by_setting.values():
+        assert [seed for seed, _, _ in members] == [0, 1, 2]
+        assert len({color for _, color, _ in members}) == 1
+        assert [dash for _, _, dash in members] == ["solid", "dash", "dot"]
+    fig = plots.overlay_knn(runs, source="val", styles=styles)
+    assert [t.line.color for t in fig.data] == [s.color for s in styles]
+    assert {t.legendgrouptitle.text for t in fig.data} == set(by_setting)
+    assert fig.layout.height >= 20 * len(runs)  # the legend fits without scrolling
+
+
+def test_sweep_report_has_a_short_title_and_a_seed_band_per_setting():
+    runs = sl.load_runs(SAMPLES / "findings" / "variants_lr1e-1")
+    page = build_report(runs)
+    assert "<h1>variants_lr1e-1: 12 runs</h1>" in page
+    band = next(f for f in plot_specs(page) if "mean and ±1 sd over seeds" in f["layout"]["title"]["text"])
+    means = {t["name"]: t for t in band["data"] if t.get("mode", "").startswith("lines")}
+    assert sorted(means) == [f"patch_proj={v} (n=3)" for v in ("batchnorm", "frozen", "learned", "weightnorm")]
+    learned = [r for r in runs if r.config_value("model.patch_proj") == "learned"]
+    val = pd.concat([r.knn[r.knn["source"] == "val"].groupby("step")["top1"].last() * 100 for r in learned],
+                    axis=1, join="inner")
+    fig = plots.seed_band_figure(runs)  # the same figure as a plotly object (JSON holds base64 arrays)
+    mean = next(t for t in fig.data if t.name == "patch_proj=learned (n=3)")
+    np.testing.assert_allclose(mean.y, val.mean(axis=1).to_numpy())
+    np.testing.assert_allclose(mean.customdata, val.std(axis=1, ddof=1).to_numpy())
+
+
+def test_first_layer_overlay_names_the_layer_of_frozen_runs():
+    runs = sl.load_runs(SAMPLES)  # learned and frozen at two lrs
+    fig = plots.overlay_first_layer(runs)
+    names = {t.name for t in fig.data}
+    assert names == {"learned_lr1e-2 (patch_embed)", "learned_lr1e-1 (patch_embed)",
+                     "frozen_lr1e-2 (cls_token)", "frozen_lr1e-1 (cls_token)"}
+    assert "cls_token: the first logged layer of a run whose patch projection is frozen" in fig.layout.title.text
+
+
+def axes_and_legend(fig):
+    """(axes tight bbox, legend bbox) of a drawn matplotlib figure, in pixels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    return fig.axes[0].get_tightbbox(renderer), fig.legends[0].get_window_extent(renderer)
+
+
+def test_static_figure_legends_never_cover_or_squeeze_the_axes():
+    from stabilitylab.figures import knn_plot, knn_seeds_plot
+
+    runs = sl.load_runs(SAMPLES / "findings" / "variants_lr1e-1")
+    one_axes, _ = axes_and_legend(knn_plot(runs[:1]))
+    for fig in (knn_plot(runs), knn_seeds_plot(runs), knn_plot(runs[:1])):
+        axes, legend = axes_and_legend(fig)
+        assert not axes.overlaps(legend) and legend.y1 <= axes.y0
+        assert axes.height >= 0.97 * one_axes.height  # the figure grew instead
+    overlay = knn_plot(runs)
+    labels = [t.get_text() for t in overlay.legends[0].get_texts()]
+    assert labels == [f"patch_proj={v}" for v in ("batchnorm", "frozen", "learned", "weightnorm")] + [
+        "1st seed", "2nd seed", "3rd seed", "queue (line)", "val (markers)"]
+
+
+def test_static_figure4_marks_the_rule_s_spikes():
+    from stabilitylab.figures import first_last_plot
+
+    grad_norms = sl.load_run(SINGLE).grad_norms()
+    for rule in (None, "ratio:10", "ratio:1000"):
+        ax = first_last_plot(grad_norms, rule=rule).axes[0]
+        marked = sum(len(line.get_xdata()) for line in ax.get_lines() if line.get_marker() == "x")
+        events = find_spikes(grad_norms[["patch_embed", "blocks.3"]], rule)
+        assert marked == len(events)
+    assert marked == 0

@@ -1,12 +1,19 @@
-"""The HTML report in a real headless Chromium (Playwright): every plot renders from a
-file:// URL with no console error, and a hostile run name stays text."""
+"""The HTML report in a real headless Chromium (Playwright): the compressed plotly.js unpacks
+and every plot renders from a file:// URL with no console error and no request but the page
+itself, a lone kNN evaluation is drawn, the tables fit a 1,400 px window, and a hostile run
+name stays text."""
 import importlib.util
 from pathlib import Path
 
 import pytest
 
+import numpy as np
+
 import stabilitylab as sl
+from analysis import summarize_run
+from analysis.summary import verdict_text
 from stabilitylab.report import write_report
+from stabilitylab.rundir import RunWriter, write_meta
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -18,6 +25,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
 
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data_samples" / "runs"
+SINGLE = SAMPLES / "findings" / "batch512_long_lr1e-1" / "batch_size=512_seed0"
 _spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "bench_report.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
@@ -39,14 +48,17 @@ def runs(tmp_path_factory):
             for i, (variant, lr) in enumerate([(v, lr) for v in ("learned", "frozen") for lr in (1e-4, 3e-4)])]
 
 
-def open_report(browser, path: Path):
-    """Open `path`, wait for every plot; returns (page, errors, dialogs)."""
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+def open_report(browser, path: Path, width: int = 1280):
+    """Open `path`, wait for every plot; returns (page, errors, dialogs). Any request but
+    the page itself is an error (the report must work offline)."""
+    page = browser.new_page(viewport={"width": width, "height": 900})
     errors, dialogs = [], []
     page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-    page.goto(path.resolve().as_uri())
+    url = path.resolve().as_uri()
+    page.on("request", lambda request: request.url != url and errors.append(f"request {request.url}"))
+    page.goto(url)
     expected = path.read_text().count('class="plot"')
     page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length === {expected}",
                            timeout=30_000)
@@ -78,7 +90,45 @@ def test_single_run_report_renders(browser, runs, tmp_path):
     page, errors, dialogs = open_report(browser, path)
     assert errors == [] and dialogs == []
     check_all_rendered(page, 5)
-    assert "The first layer leads" in page.inner_text(".verdict")
+    assert "patch_embed spikes lead blocks.2 spikes" in page.inner_text(".verdict")
+    page.close()
+
+
+def test_committed_single_run_report_is_small_and_renders(browser, tmp_path):
+    run = sl.load_run(SINGLE)
+    path = write_report([run], tmp_path / "single.html")
+    assert path.stat().st_size <= 2_500_000
+    page, errors, dialogs = open_report(browser, path)
+    assert errors == [] and dialogs == []
+    check_all_rendered(page, 5)
+    assert verdict_text(summarize_run(run))["headline"] in page.inner_text(".verdict .headline")
+    page.close()
+
+
+def test_a_lone_knn_evaluation_is_drawn(browser, tmp_path):
+    run_dir = tmp_path / "lone"
+    write_meta(run_dir, {"status": "running"})
+    writer = RunWriter(run_dir)
+    writer.append("steps", {"step": np.arange(30), "loss": np.linspace(5, 4, 30)})
+    writer.append("knn", {"step": [19], "epoch": [0.5], "source": ["val"], "k": [20], "top1": [0.23],
+                          "n_queries": [1000]})
+    writer.close()
+    page, errors, _ = open_report(browser, write_report([sl.load_run(run_dir)], tmp_path / "lone.html"))
+    assert errors == []
+    knn = page.locator(".plot").nth(1)
+    assert knn.locator(".scatterlayer .trace .points path").count() == 1  # the marker
+    assert knn.locator(".scatterlayer .trace .errorbar").count() == 1  # its +-2 sigma bar
+    page.close()
+
+
+def test_tables_fit_a_1400_px_window(browser, tmp_path):
+    path = write_report(sl.load_runs(SAMPLES / "findings" / "variants_lr1e-2"), tmp_path / "sweep.html")
+    page, errors, _ = open_report(browser, path, width=1400)
+    assert errors == []
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1400
+    overflowing = page.evaluate("""() => Array.from(document.querySelectorAll('.table-wrap'))
+        .filter(w => w.scrollWidth > w.clientWidth + 1).map(w => w.innerText.slice(0, 80))""")
+    assert overflowing == []
     page.close()
 
 
