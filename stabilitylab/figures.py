@@ -45,10 +45,9 @@ def mpl_color(color: str) -> tuple:
     return unconvert_from_RGB_255(unlabel_rgb(color))
 
 
-def figure_with_legend(n_entries: int) -> tuple[Figure, object]:
-    """A figure whose axes are AXES_HEIGHT tall plus room below for a legend of n entries."""
-    rows = -(-n_entries // LEGEND_COLUMNS)
-    fig = Figure(figsize=(WIDTH, AXES_HEIGHT + LEGEND_ROW * rows + (0.15 if rows else 0)), layout="constrained")
+def axes_figure() -> tuple[Figure, object]:
+    """A figure with one axes, WIDTH x AXES_HEIGHT before `legend_below` adds its legend."""
+    fig = Figure(figsize=(WIDTH, AXES_HEIGHT), layout="constrained")
     return fig, fig.add_subplot()
 
 
@@ -60,9 +59,20 @@ def source_handle(source: str, color) -> Line2D:
 
 
 def legend_below(fig: Figure, handles, labels) -> None:
-    if handles:
-        fig.legend(handles, [mpl_text(name) for name in labels], loc="outside lower center",
-                   ncols=min(LEGEND_COLUMNS, len(handles)), frameon=False, fontsize="small")
+    """The legend below the axes, in as many columns (at most LEGEND_COLUMNS) as fit the
+    figure's width; the figure grows by the legend's rows, so the axes keep their height."""
+    if not handles:
+        return
+    labels = [mpl_text(name) for name in labels]
+    for ncols in range(min(LEGEND_COLUMNS, len(handles)), 0, -1):
+        legend = fig.legend(handles, labels, loc="outside lower center", ncols=ncols, frameon=False,
+                            fontsize="small")
+        fig.draw_without_rendering()
+        if ncols == 1 or legend.get_window_extent().width <= fig.bbox.width:
+            break
+        legend.remove()
+    rows = -(-len(handles) // ncols)
+    fig.set_size_inches(WIDTH, AXES_HEIGHT + LEGEND_ROW * rows + 0.15)
 
 
 def knn_plot(runs, dips: dict | None = None) -> Figure:
@@ -79,8 +89,7 @@ def knn_plot(runs, dips: dict | None = None) -> Figure:
     settings = list(dict.fromkeys(s.setting for s in styles))
     seeds = max(s.seed_index for s in styles) + 1
     sources = sorted({source for run in runs for source in knn_curves(run.knn)})
-    n_entries = len(sources) + (0 if single else len(settings) + (seeds if seeds > 1 else 0))
-    fig, ax = figure_with_legend(n_entries)
+    fig, ax = axes_figure()
     for run, style in zip(runs, styles):
         for i, (source, rows) in enumerate(knn_curves(run.knn).items()):
             curve = decimate(rows["top1"])
@@ -122,7 +131,7 @@ def knn_seeds_plot(runs, source="val", x=None, keys=None) -> Figure:
     """
     x, bands = seed_bands(runs, source, x, keys)
     colors = {s.setting: s.color for s in run_styles(runs, keys=keys)}
-    fig, ax = figure_with_legend(len(bands))
+    fig, ax = axes_figure()
     handles, names = [], []
     for name, band in bands.items():
         color = mpl_color(colors[name])
@@ -146,7 +155,7 @@ def first_last_plot(grad_norms: pd.DataFrame, title: str = "", rule=None) -> Fig
     layers = list(dict.fromkeys([layers[0], layers[-1]]))
     spikes = find_spikes(grad_norms[layers], rule)
     relative = running_ratio(grad_norms[layers], rule.window)
-    fig, ax = figure_with_legend(2 * len(layers))
+    fig, ax = axes_figure()
     handles, names = [], []
     for i, layer in enumerate(layers):
         color = mpl_color(PALETTE[i])

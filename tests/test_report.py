@@ -472,10 +472,12 @@ def test_static_figure_legends_never_cover_or_squeeze_the_axes():
 
     runs = sl.load_runs(SAMPLES / "findings" / "variants_lr1e-1")
     one_axes, _ = axes_and_legend(knn_plot(runs[:1]))
-    for fig in (knn_plot(runs), knn_seeds_plot(runs), knn_plot(runs[:1])):
+    long_labels = knn_seeds_plot(runs, keys=["model.patch_proj", "optim.base_lr", "optim.batch_size"])
+    for fig in (knn_plot(runs), knn_seeds_plot(runs), knn_plot(runs[:1]), long_labels):
         axes, legend = axes_and_legend(fig)
         assert not axes.overlaps(legend) and legend.y1 <= axes.y0
         assert axes.height >= 0.97 * one_axes.height  # the figure grew instead
+        assert 0 <= legend.x0 and legend.x1 <= fig.bbox.width  # no entry cut at the sides
     overlay = knn_plot(runs)
     labels = [t.get_text() for t in overlay.legends[0].get_texts()]
     assert labels == [f"patch_proj={v}" for v in ("batchnorm", "frozen", "learned", "weightnorm")] + [
