@@ -15,7 +15,7 @@ import pandas as pd
 
 from .dips import find_knn_dips, knn_curves
 from .leadlag import LeadLagResult, spike_lead_lag
-from .spikes import SpikeRule, find_spikes, running_ratio, valid_values
+from .spikes import SPIKE_COLUMNS, SpikeRule, find_spikes, running_ratio, valid_values
 
 FINAL_LOSS_STEPS = 100
 MAX_EXCURSIONS = 5
@@ -130,7 +130,7 @@ def _spike_summary(grad_norms: pd.DataFrame, first: str, last, rule: SpikeRule, 
         s["notes"].append("no per-layer gradient norms")
         return (dict(spikes={}, n_first_layer_spikes=None, largest_excursions=[], first_peak_ratio=None,
                      last_peak_ratio=None, first_leads_frac=None, lead_lag=None),
-                pd.DataFrame(columns=["layer", "step", "peak_step", "end_step", "ratio"]), None)
+                pd.DataFrame(columns=SPIKE_COLUMNS), None)
     n_values = int(grad_norms.apply(lambda c: len(valid_values(c))).max())
     if n_values <= rule.warmup:
         s["warnings"].append(

@@ -23,7 +23,7 @@ from analysis.spikes import valid_values
 
 MAX_POINTS = 4000
 MAX_HEATMAP_COLUMNS = 1500
-MAX_MARKERS = 300  # a curve with at most this many points also gets a marker per point
+MAX_MARKERS = 100  # a curve with at most this many points also gets a marker per point
 DIP_COLOR = "rgba(214, 39, 40, {alpha})"
 # The colour-blind-safe qualitative palette of plotly ("Safe", 11 colours), darkest first so
 # that a few settings read well on white.
@@ -340,7 +340,7 @@ def relative_grad_figure(grad_norms: pd.DataFrame, layers=None, spikes: pd.DataF
     fig.update_layout(**LAYOUT)
     fig.update_layout(title=f"Gradient norm over its running median of {rule.window} values (Figure 4 form); "
                             f"x: spikes under {rule}", title_font_size=14,
-                      xaxis_title="step", yaxis=dict(title="‖g‖ / running median", type="log"))
+                      xaxis_title="step", yaxis=dict(title="‖g‖ / running median", type="log", dtick=1))
     return fig
 
 
@@ -440,4 +440,4 @@ def overlay_first_layer(runs, max_points: int = MAX_POINTS, styles=None) -> go.F
     elif stand_ins:
         title += (f" (layer in brackets; {', '.join(map(label, sorted(stand_ins)))}: the first logged layer "
                   "of a run whose patch projection is frozen, so not logged)")
-    return _runs_layout(fig, title, xaxis_title="step", yaxis=dict(title="‖g‖", type="log"))
+    return _runs_layout(fig, title, xaxis_title="step", yaxis=dict(title="‖g‖", type="log", dtick=1))
