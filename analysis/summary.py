@@ -15,7 +15,7 @@ DIP_FIELDS = ["source", "start_step", "bottom_step", "end_step", "peak", "bottom
               "depth_noise", "recovered", "confirmed"]
 
 
-def summarize_run(run, *, first="patch_embed", rule=None) -> dict:
+def summarize_run(run, *, first=None, rule=None) -> dict:
     """Summarize a run (anything with name, meta, steps, knn, layers, grad_norms()).
 
     kNN numbers use the `val` source when the run has one (a fresh feature bank), else
@@ -31,9 +31,13 @@ def summarize_run(run, *, first="patch_embed", rule=None) -> dict:
     lead_lag (last-layer verdict, p_value, median_lag, summary); notes (what is missing).
     spike_rule (the rule's text). Missing data gives None values and a note, never an error.
     JSON-serializable. rule: the `SpikeRule` (or its text) of every spike number; default
-    `DEFAULT_RULE`.
+    `DEFAULT_RULE`. first: the first layer; default the run's meta "first_layer" (written by
+    the trainer and the Monitor), else "patch_embed"; the last layer compared is the meta's
+    "last_block" when logged, else the last `blocks.N` column.
     """
     rule = SpikeRule.parse(rule)
+    meta = run.meta or {}
+    first = first or meta.get("first_layer") or "patch_embed"
     steps = run.steps
     loss = steps["loss"].astype(float) if "loss" in steps else pd.Series(dtype=float)
     loss = loss[np.isfinite(loss)]
@@ -47,7 +51,7 @@ def summarize_run(run, *, first="patch_embed", rule=None) -> dict:
         "notes": [],
     }
     s.update(_knn_summary(run.knn, s["notes"]))
-    s.update(_spike_summary(run, first, rule, s["notes"]))
+    s.update(_spike_summary(run, first, meta.get("last_block"), rule, s["notes"]))
     return _jsonable(s)
 
 
@@ -78,7 +82,7 @@ def _knn_summary(knn: pd.DataFrame, notes: list) -> dict:
     )
 
 
-def _spike_summary(run, first: str, rule: SpikeRule, notes: list) -> dict:
+def _spike_summary(run, first: str, last: str | None, rule: SpikeRule, notes: list) -> dict:
     grad_norms = run.grad_norms() if len(run.layers) else pd.DataFrame()
     if grad_norms.empty:
         notes.append("no per-layer gradient norms")
@@ -90,7 +94,8 @@ def _spike_summary(run, first: str, rule: SpikeRule, notes: list) -> dict:
         events = find_spikes(grad_norms, rule)
         lead_lag, leads, last_layer = None, None, None
     else:
-        ll = spike_lead_lag(grad_norms, first=first, rule=rule)
+        ll = spike_lead_lag(grad_norms, first=first, rule=rule,
+                            last=last if last in grad_norms.columns and last != first else None)
         events = ll.events
         leads = (ll.matches["lag"] > 0).mean() if len(ll.matches) else None
         last_layer = ll.last

@@ -74,8 +74,11 @@ class RunAnalysis:
         grad_norms = run.grad_norms() if len(run.layers) else pd.DataFrame()
         dips = find_knn_dips(run.knn)
         lead_lag = None
-        if FIRST_LAYER in grad_norms.columns and len(grad_norms.columns) > 1:
-            lead_lag = spike_lead_lag(grad_norms, first=FIRST_LAYER)
+        first = run.meta.get("first_layer") or FIRST_LAYER  # a foreign model's own first layer
+        last = run.meta.get("last_block")
+        if first in grad_norms.columns and len(grad_norms.columns) > 1:
+            lead_lag = spike_lead_lag(grad_norms, first=first,
+                                      last=last if last in grad_norms.columns and last != first else None)
             spikes = lead_lag.events
         else:
             spikes = find_spikes(grad_norms) if not grad_norms.empty else None
