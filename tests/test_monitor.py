@@ -306,3 +306,36 @@ def test_ddp_rank_zero_writes_the_global_gradient_norms(tmp_path):
     assert list(two.grad_norms().columns) == list(one.grad_norms().columns)  # no `module.` prefix
     np.testing.assert_allclose(two.grad_norms().to_numpy(), one.grad_norms().to_numpy(), rtol=1e-4)
     assert two.steps["step"].tolist() == [0, 1, 2]  # written once, by rank 0
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_section_runs_as_written(tmp_path):
+    """The README's "Use it in your own training loop" code block, then analyze and report."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("## Use it in your own training loop", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=300)
+    run = sl.load_run(tmp_path / "runs" / "mine")
+    assert run.steps["step"].tolist() == list(range(50)) and len(run.knn) == 5
+    assert run.meta["first_layer"] == "patch_embed" and run.config == {"lr": 1e-3}
+    for command in (["analyze", "runs/mine"], ["report", "runs/mine"]):
+        subprocess.run([sys.executable, "-m", "stabilitylab", *command], cwd=tmp_path, env=env,
+                       check=True, timeout=300, capture_output=True)
+    assert (tmp_path / "runs" / "mine" / "report.html").stat().st_size > 100_000
+
+
+@pytest.mark.slow
+def test_example_any_loop(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "any_loop.py"), "--out",
+                             str(tmp_path / "digits"), "--epochs", "2"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"next: stabilitylab report {tmp_path / 'digits'}" in result.stdout
+    run = sl.load_run(tmp_path / "digits")
+    assert run.steps["step"].tolist() == list(range(2 * (1497 // 64)))
+    assert run.knn["top1"].iloc[-1] > 0.15  # ten classes: chance 0.1
+    assert run.steps["images_per_sec"].notna().sum() == len(run.steps) - 1

@@ -127,7 +127,10 @@ class GradientProbe:
         for positions, index in self._plan(tensors):
             same_dtype = [tensors[i] for i in positions]
             widen = torch.float32 if same_dtype[0].dtype.itemsize < 4 else None  # half, bf16
-            norms = torch.stack(torch._foreach_norm(same_dtype, ord, dtype=widen))
+            if ord == 2 or same_dtype[0].device.type == "cuda":
+                norms = torch.stack(torch._foreach_norm(same_dtype, ord, dtype=widen))
+            else:  # the CPU's foreach inf-norm is ~7x slower than abs then max (same values)
+                norms = torch.stack(torch._foreach_max(torch._foreach_abs(same_dtype)))
             norms = norms.to(self.device, torch.float32)
             if ord == 2:
                 out.scatter_add_(0, index, norms.square())
