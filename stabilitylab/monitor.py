@@ -230,7 +230,8 @@ class Monitor:
         step_time = None if self._last_step_end is None else now - self._last_step_end
         self._last_step_end = now
         if lr is None and self.optimizer is not None:
-            lr = self.optimizer.param_groups[0]["lr"]
+            lr = self.optimizer.param_groups[0]["lr"]  # a tensor with capturable optimizers
+        lr = _detach(lr)
         scale = None
         if self.scaler is not None and self.scaler.is_enabled():
             scale = self.scaler._get_scale_async().detach().clone()  # no host sync
@@ -254,13 +255,14 @@ class Monitor:
         if not self._rows:
             return
         rows, self._rows = self._rows, []
-        loss, grad_norm, scale = (_to_host([r[key] for r in rows]) for key in ("loss", "grad_norm", "loss_scale"))
+        loss, grad_norm, scale, lr = (_to_host([r[key] for r in rows])
+                                      for key in ("loss", "grad_norm", "loss_scale", "lr"))
         logged = np.array([r["logged"] for r in rows])
         scaled = self.scaler is not None and self.scaler.is_enabled()
         skipped = logged & ~np.isfinite(grad_norm) if scaled else np.zeros(len(rows), dtype=bool)
         step_time = np.array([np.nan if r["step_time_s"] is None else r["step_time_s"] for r in rows])
-        columns = {key: [r[key] for r in rows] for key in ("step", "epoch", "lr", "time")}
-        columns.update(loss=loss, grad_norm=grad_norm, loss_scale=scale, skipped=skipped,
+        columns = {key: [r[key] for r in rows] for key in ("step", "epoch", "time")}
+        columns.update(lr=lr, loss=loss, grad_norm=grad_norm, loss_scale=scale, skipped=skipped,
                        step_time_s=step_time)
         if self.batch_size:
             columns["images_per_sec"] = self.batch_size / step_time
@@ -276,8 +278,9 @@ class Monitor:
 
 
 def _detach(value):
+    """A float, None, or a float32 device scalar copied (the source may change in place)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().reshape(()).float()
+        return value.detach().reshape(()).to(torch.float32, copy=True)
     return None if value is None else float(value)
 
 

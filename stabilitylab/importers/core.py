@@ -135,7 +135,8 @@ def _layers(scalars: pd.DataFrame, assigned: dict, groups: dict | None):
     columns = {"step": wide["step"].to_numpy(np.int64), "layer": wide["layer"].astype(str).to_numpy(object)}
     columns.update({c: wide[c].to_numpy(float) for c in LAYER_COLUMNS if c in wide})
     first = grouping.first_layer if grouping else order[0]
-    last = grouping.last_block if grouping else None
+    last = grouping.last_block if grouping else next(
+        (layer for layer in reversed(order) if re.fullmatch(r"blocks\.\d+", layer)), None)
     return columns, first, last
 
 
