@@ -119,6 +119,14 @@ def test_per_layer_names_from_a_log_in_any_order_give_the_same_groups():
     assert grouping.last_block == "blocks.11"
 
 
+def test_blocks_next_to_a_list_of_heads_are_not_stages():
+    names = (["patch_embed.proj.weight"] + [f"blocks.{i}.attn.qkv.weight" for i in range(3)]
+             + ["norm.weight"] + [f"heads.{i}.mlp.fc.weight" for i in range(2)])
+    grouping = group_parameters(names)
+    assert grouping.names == ["patch_embed", *blocks(3), "norm", "heads"]
+    assert grouping.last_block == "blocks.2"
+
+
 def test_rules_override_and_keep_first_and_last():
     model = tiny_hf("gpt2")
     rules = {r"\.w[tp]e\.": "embed", r"\.h\.(\d+)\.attn\.": r"attn.\1"}

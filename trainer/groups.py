@@ -83,19 +83,26 @@ def _block_lists(parts: list[list[str]]) -> tuple[tuple[str, ...] | None, list[t
 
     A candidate list is a path followed by an integer index and at least a module and a
     parameter name (`blocks.0.mlp.weight`; `projector.0.weight` is a layer list, not blocks).
+    Lists side by side are stages when their items look alike (share at least half of the
+    parameter names after the index, as ResNet's `layer1` ... `layer4` do); a list next to
+    unlike ones (the blocks next to a list of heads) stands alone.
     """
-    count, indices = Counter(), defaultdict(set)
+    count, indices, items = Counter(), defaultdict(set), defaultdict(set)
     for p in parts:
         for j in range(len(p) - 2):
             if p[j].isdigit():
-                count[tuple(p[:j])] += 1
-                indices[tuple(p[:j])].add(p[j])
+                path = tuple(p[:j])
+                count[path] += 1
+                indices[path].add(p[j])
+                items[path].add(".".join(p[j + 1:]))
     by_parent: dict[tuple[str, ...], list[tuple[str, ...]]] = defaultdict(list)
     for path in count:  # first-seen order, so ties go to the first list in the model
         by_parent[path[:-1]].append(path)
     best, best_score = (None, []), 0
     for parent, lists in by_parent.items():
-        usable = lists if len(lists) > 1 else [p for p in lists if len(indices[p]) > 1]
+        largest = max(lists, key=lambda p: count[p])
+        alike = [p for p in lists if len(items[p] & items[largest]) * 2 >= min(len(items[p]), len(items[largest]))]
+        usable = alike if len(alike) > 1 else [largest] if len(indices[largest]) > 1 else []
         score = sum(count[p] for p in usable)
         if usable and score > best_score:
             best, best_score = (parent, usable), score
