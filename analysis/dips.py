@@ -96,12 +96,13 @@ def knn_curves(knn: pd.DataFrame, k=None) -> dict:
     """Split a `knn` table into one frame per source, indexed by step: top1, n_queries, epoch.
 
     k: which neighbour count to use when several were evaluated; default the most common.
+    Rows without k (an accuracy that is not a kNN's, logged by `Monitor.log_knn`) are kept.
     """
     knn = knn.dropna(subset=["top1"]) if "top1" in knn else knn.iloc[:0]
     if knn.empty:
         return {}
-    if "k" in knn:
-        knn = knn[knn["k"] == (knn["k"].mode().iloc[0] if k is None else k)]
+    if "k" in knn and knn["k"].notna().any():
+        knn = knn[knn["k"].isna() | (knn["k"] == (knn["k"].mode().iloc[0] if k is None else k))]
     cols = [c for c in ("top1", "n_queries", "epoch") if c in knn]
     return {src: g.groupby("step")[cols].last() for src, g in knn.groupby("source", sort=True)}
 

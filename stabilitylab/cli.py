@@ -1,4 +1,4 @@
-"""`stabilitylab` command line: train | report | analyze | compare | sweep.
+"""`stabilitylab` command line: train | report | analyze | compare | sweep | import.
 
 User errors print one line to stderr and exit 2 (set STABILITYLAB_DEBUG=1 for a traceback).
 `report`, `analyze` and `compare` never import torch.
@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     from stabilitylab.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
+    from stabilitylab.importers import add_import_parser
+
+    add_import_parser(sub)
     return parser
 
 
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     handlers = {"train": cmd_train, "report": cmd_report, "analyze": cmd_analyze,
-                "compare": cmd_compare, "sweep": _cmd_sweep}
+                "compare": cmd_compare, "sweep": _cmd_sweep, "import": _cmd_import}
     try:
         return handlers[args.command](args) or 0
     except Exception as exc:
@@ -259,3 +262,9 @@ def _cmd_sweep(args) -> int:
     from stabilitylab.sweep import cmd_sweep
 
     return cmd_sweep(args)
+
+
+def _cmd_import(args) -> int:
+    from stabilitylab.importers import cmd_import
+
+    return cmd_import(args)

@@ -24,6 +24,7 @@ COMMANDS = {
     "knn": [sys.executable, str(BENCH / "bench_knn.py"), "--quick"],
     "writer": [sys.executable, str(BENCH / "bench_writer.py"), "--quick"],
     "analysis": [sys.executable, str(BENCH / "bench_analysis.py"), "--quick"],
+    "monitor": [sys.executable, str(BENCH / "bench_monitor.py"), "--quick"],
 }
 
 
@@ -122,3 +123,10 @@ def test_bench_analysis_quick(runs):
     for n in (15, 150):
         measured, _, _ = one(rows, f"3 analysis 10000 steps x {n} ")
         assert number(measured) > 0 and "GB" in measured
+
+
+def test_bench_monitor_quick(runs):
+    text = finished(runs, "monitor")
+    measured, goal, status = one(results(text), "7 Monitor overhead on/off")
+    assert 0.2 < number(measured) < 5 and goal == "<= 1.03" and status == "info"
+    assert "ratio on/off median" in text

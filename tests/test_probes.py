@@ -51,8 +51,8 @@ BLOCKS = ["blocks.0", "blocks.1"]
 
 
 def test_group_order_learned_pos_embed():
-    groups = layer_groups(TinyMoco())
-    assert [g for g, _ in groups] == ["patch_embed", "pos_embed", "cls_token", *BLOCKS, "norm",
+    groups = layer_groups(TinyMoco())  # forward order: timm concatenates cls, then adds pos
+    assert [g for g, _ in groups] == ["patch_embed", "cls_token", "pos_embed", *BLOCKS, "norm",
                                       "projector", "predictor"]
     names = dict(groups)
     assert names["patch_embed"] == ["backbone.patch_embed.proj.weight",
@@ -67,9 +67,9 @@ def test_group_order_frozen_patch_and_pos_embed_fc_norm_weightnorm():
     model = TinyMoco(global_pool="avg", fc_norm=True)
     model.backbone.pos_embed.requires_grad_(False)  # fixed sin-cos
     model.backbone.patch_embed.requires_grad_(False)  # frozen random patch projection
-    assert [g for g, _ in layer_groups(model)] == ["cls_token", *BLOCKS, "norm", "projector",
+    assert [g for g, _ in layer_groups(model)] == ["cls_token", *BLOCKS, "fc_norm", "projector",
                                                    "predictor"]
-    assert dict(layer_groups(model))["norm"] == ["backbone.fc_norm.weight", "backbone.fc_norm.bias"]
+    assert dict(layer_groups(model))["fc_norm"] == ["backbone.fc_norm.weight", "backbone.fc_norm.bias"]
 
     model = TinyMoco()
     nn.utils.parametrizations.weight_norm(model.backbone.patch_embed.proj)
@@ -85,14 +85,14 @@ def test_per_param_names_and_wrappers():
     names = [g for g, _ in groups]
     assert all([g] == ns for g, ns in groups)
     assert names[:5] == ["backbone.patch_embed.proj.weight", "backbone.patch_embed.proj.bias",
-                         "backbone.pos_embed", "backbone.cls_token",
+                         "backbone.cls_token", "backbone.pos_embed",
                          "backbone.blocks.0.norm1.weight"]
     assert names[-1] == "predictor.2.bias"
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(names) == trained - {n for n in trained if n.startswith("momentum_")}
     assert layer_groups(nn.DataParallel(model), per_param=True) == groups  # `.module` stripped
     bare = [g for g, _ in layer_groups(model.backbone)]
-    assert bare == ["patch_embed", "pos_embed", "cls_token", *BLOCKS, "norm"]
+    assert bare == ["patch_embed", "cls_token", "pos_embed", *BLOCKS, "norm"]
 
 
 @pytest.mark.parametrize("per_param", [False, True])

@@ -356,7 +356,10 @@ class Trainer:
         self.writer.update_meta(device=str(self.device) if self.device.type == "cpu"
                                 else torch.cuda.get_device_name(self.device),
                                 world_size=self.world, precision=self.precision,
-                                total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
+                                total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                                source="stabilitylab train",
+                                first_layer=self.probe.grouping.first_layer,
+                                last_block=self.probe.grouping.last_block)
         full_every = self._full_knn_every()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.log.progress and self.is_main),
                    unit="step", dynamic_ncols=True)

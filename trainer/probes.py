@@ -22,19 +22,14 @@ skipped update call `record_update` anyway (update_l2 is 0 after a snapshot, NaN
 from __future__ import annotations
 
 import math
-import re
+from typing import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-# Backbone groups in model order (timm's optional `reg_token` / `norm_pre` in their place).
-# Any other backbone attribute (`attn_pool`, a custom module, ...) becomes a group named after
-# itself, placed after `norm` in first-seen order; `projector` and `predictor` come last.
-_BACKBONE_ORDER = ("patch_embed", "pos_embed", "cls_token", "reg_token", "norm_pre", "blocks",
-                   "norm")
-_HEAD_ORDER = ("projector", "predictor")
-_BLOCK = re.compile(r"blocks\.(\d+)\.")
+from trainer.groups import Grouping, group_parameters
+
 _COLUMNS = ("grad_l2", "grad_max_abs", "param_l2", "update_l2")
 
 
@@ -49,45 +44,29 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _group_of(name: str) -> tuple[str, tuple]:
-    """(group name, sort key) of a parameter name relative to the MoCo module."""
-    name = name.removeprefix("backbone.")
-    top = name.split(".", 1)[0]
-    if top == "blocks":
-        index = int(_BLOCK.match(name).group(1))
-        return f"blocks.{index}", (0, _BACKBONE_ORDER.index("blocks"), index)
-    if top == "fc_norm":
-        top = "norm"
-    if top in _BACKBONE_ORDER:
-        return top, (0, _BACKBONE_ORDER.index(top), 0)
-    if top in _HEAD_ORDER:
-        return top, (2, _HEAD_ORDER.index(top), 0)
-    return top, (1, 0, 0)  # unknown: after `norm`, before the heads; stable sort keeps order
+def model_grouping(model: nn.Module, *, per_param: bool = False,
+                   rules: Mapping[str, str] | None = None) -> Grouping:
+    """The automatic layer groups (`trainer.groups`) of a model's trained parameters.
+
+    The structure comes from every parameter, the members from the trained ones
+    (requires_grad): frozen parameters (a fixed patch projection, a momentum encoder) are
+    left out, so a fully frozen group does not appear. `rules` override ({regex: group}).
+    """
+    model = unwrap(model)
+    grouping = group_parameters([name for name, _ in model.named_parameters()], rules)
+    grouping = grouping.restrict(name for name, p in model.named_parameters() if p.requires_grad)
+    return grouping.per_param() if per_param else grouping
 
 
-def _trained_params(model: nn.Module) -> list[tuple[str, str, tuple, nn.Parameter]]:
-    """(param name, group, sort key, param) of the trained params, in model order."""
-    rows = [
-        (name, *_group_of(name), p)
-        for name, p in unwrap(model).named_parameters()
-        if p.requires_grad and not name.startswith("momentum_")
-    ]
-    return sorted(rows, key=lambda row: row[2])  # stable: keeps registration order within keys
-
-
-def layer_groups(model: nn.Module, per_param: bool = False) -> list[tuple[str, list[str]]]:
+def layer_groups(model: nn.Module, per_param: bool = False,
+                 rules: Mapping[str, str] | None = None) -> list[tuple[str, list[str]]]:
     """[(group name, [param names])] in model order, trained parameters only.
 
-    Groups: `patch_embed`, `pos_embed`, `cls_token`, `blocks.i`, `norm` (also `fc_norm`),
-    other backbone attributes by their own name, `projector`, `predictor`. Works on the MoCo
-    module (params under `backbone.`) and on a bare backbone alike. Frozen params
-    and the momentum encoder are left out, so a fully frozen group does not appear.
+    On stabilitylab's MoCo module: `patch_embed`, `cls_token` and `pos_embed` when trainable,
+    `blocks.i`, `norm`, `projector`, `predictor` (see `trainer.groups` for any model).
     With per_param, one group per parameter named by its full name.
     """
-    groups: dict[str, list[str]] = {}
-    for name, group, _, _ in _trained_params(model):
-        groups.setdefault(name if per_param else group, []).append(name)
-    return list(groups.items())
+    return model_grouping(model, per_param=per_param, rules=rules).groups
 
 
 class GradientProbe:
@@ -95,20 +74,25 @@ class GradientProbe:
 
     update_l2 = ||theta_t - theta_{t-1}|| needs one persistent copy of the trained weights;
     with update_norms=False it is NaN and no copy is kept. All norms are computed in float32
-    whatever the parameter/gradient dtype; a None gradient counts as zero.
+    whatever the parameter/gradient dtype; a None gradient counts as zero. Groups: the
+    automatic layer groups of the trained parameters (`model_grouping`; `groups` overrides
+    them with {regex: group name}); `grouping.first_layer` / `last_block` name the ends.
     """
 
     def __init__(self, model: nn.Module, *, per_param: bool = False, update_norms: bool = True,
-                 capacity: int = 1000, device: torch.device | str | None = None):
-        rows = _trained_params(model)
-        if not rows:
+                 capacity: int = 1000, device: torch.device | str | None = None,
+                 groups: Mapping[str, str] | None = None):
+        self.grouping = model_grouping(model, per_param=per_param, rules=groups)
+        if not self.grouping.groups:
             raise ValueError("the model has no trainable parameters to probe")
-        self.params = [p for *_, p in rows]
-        self.layer_names = [name for name, _ in layer_groups(model, per_param)]
-        group_of_param = [name if per_param else group for name, group, _, _ in rows]
+        named = dict(unwrap(model).named_parameters())
+        self.layer_names = self.grouping.names
         position = {name: i for i, name in enumerate(self.layer_names)}
+        members = [(param, position[group]) for group, params in self.grouping.groups
+                   for param in params]
+        self.params = [named[param] for param, _ in members]
         self.device = torch.device(device) if device is not None else self.params[0].device
-        self._group_index = torch.tensor([position[g] for g in group_of_param], device=self.device)
+        self._group_index = torch.tensor([i for _, i in members], device=self.device)
         self.update_norms = update_norms
         self.capacity = capacity
         self._buffer = torch.full((capacity, len(self.layer_names), len(_COLUMNS)), math.nan,
@@ -143,7 +127,10 @@ class GradientProbe:
         for positions, index in self._plan(tensors):
             same_dtype = [tensors[i] for i in positions]
             widen = torch.float32 if same_dtype[0].dtype.itemsize < 4 else None  # half, bf16
-            norms = torch.stack(torch._foreach_norm(same_dtype, ord, dtype=widen))
+            if ord == 2 or same_dtype[0].device.type == "cuda":
+                norms = torch.stack(torch._foreach_norm(same_dtype, ord, dtype=widen))
+            else:  # the CPU's foreach inf-norm is ~7x slower than abs then max (same values)
+                norms = torch.stack(torch._foreach_max(torch._foreach_abs(same_dtype)))
             norms = norms.to(self.device, torch.float32)
             if ord == 2:
                 out.scatter_add_(0, index, norms.square())
