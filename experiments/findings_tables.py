@@ -155,9 +155,14 @@ def pooled(runs, rule: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.concat(norms), pd.concat(events, ignore_index=True)
 
 
+def p_text(p) -> str:
+    return "—" if pd.isna(p) else f"{p:.3f}"
+
+
 def lead_lag_table(settings: dict) -> str:
     rows = [f"| setting | runs | spike rule | first-layer events | last-block events | matched within {MAX_LAG} | "
-            "first leads | median lag | xcorr lag | p |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "first leads | median lag | xcorr lag | association p | direction p |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for setting, runs in settings.items():
         runs = [r for r in runs if len(r.layers) and "patch_embed" in r.grad_norms().columns]
         if not runs:
@@ -170,7 +175,7 @@ def lead_lag_table(settings: dict) -> str:
                         f"{r.n_matched:.0f} | "
                         f"{'—' if pd.isna(r.frac_first_leads) else f'{r.frac_first_leads:.2f}'} | "
                         f"{'—' if pd.isna(r.median_lag) else f'{r.median_lag:+.0f}'} | {r.xcorr_lag:+.0f} | "
-                        f"{'—' if pd.isna(r.p_value) else f'{r.p_value:.3f}'} |")
+                        f"{p_text(r.association_p)} | {p_text(r.direction_p)} |")
     return "\n".join(rows)
 
 
