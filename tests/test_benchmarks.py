@@ -24,6 +24,7 @@ COMMANDS = {
     "knn": [sys.executable, str(BENCH / "bench_knn.py"), "--quick"],
     "writer": [sys.executable, str(BENCH / "bench_writer.py"), "--quick"],
     "analysis": [sys.executable, str(BENCH / "bench_analysis.py"), "--quick"],
+    "detectors": [sys.executable, str(BENCH / "bench_detectors.py"), "--quick"],
 }
 
 
@@ -122,3 +123,14 @@ def test_bench_analysis_quick(runs):
     for n in (15, 150):
         measured, _, _ = one(rows, f"3 analysis 10000 steps x {n} ")
         assert number(measured) > 0 and "GB" in measured
+
+
+def test_bench_detectors_quick(runs):
+    text = finished(runs, "detectors")
+    rows = results(text)
+    assert one(rows, "7 default rule: >=10x values missed")[0].startswith("0 of ")
+    assert one(rows, "7 default rule: events under 3x")[0] == "0"
+    recall = one(rows, "7 default rule: recall of planted")[0].split(" / ")
+    assert len(recall) == 5 and number(recall[0]) >= 90  # 30x spikes
+    assert "default rule (analysis.DEFAULT_RULE): mad:6+ratio:3|ratio:10" in text
+    assert "| `mad:6` |" in text and "### Committed runs (4 under data_samples/runs)" in text
