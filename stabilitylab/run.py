@@ -200,8 +200,17 @@ def load_run(path: str | os.PathLike, *, lenient: bool = False) -> Run:
     return Run(path, lenient=lenient)
 
 
+def run_dirs_under(folder: Path) -> list[Path]:
+    """The run directories inside `folder` at any depth (a sweep folder, a folder of sweeps),
+    in sorted order; hidden folders and the insides of run directories are not searched."""
+    found = []
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found.extend([child] if is_run_dir(child) else run_dirs_under(child))
+    return found
+
+
 def expand_run_paths(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Path]:
-    """Run directories from paths, globs, or sweep folders (folders of run directories)."""
+    """Run directories from paths, globs, sweep folders or folders of sweeps (see `run_dirs_under`)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found: list[Path] = []
@@ -213,7 +222,7 @@ def expand_run_paths(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> 
             path = Path(match)
             if is_run_dir(path):
                 found.append(path)
-            elif path.is_dir() and (children := sorted(p for p in path.iterdir() if is_run_dir(p))):
+            elif path.is_dir() and (children := run_dirs_under(path)):
                 found.extend(children)
             elif glob.has_magic(str(item)):
                 continue

@@ -1,12 +1,14 @@
 """The run-summary metrics on short known sequences, computed by hand: final_loss, roughness
-and dip_area of `summarize_run` (docs/analysis.md, "Run summary")."""
+and dip_area of `summarize_run` (docs/analysis.md, "Run summary"), and the display units of
+`display_table`."""
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import summarize_run
+from analysis import compare_runs, display_table, seed_spread, summarize_run
+from analysis.compare import UnknownKeyError
 
 
 @dataclass
@@ -16,6 +18,7 @@ class KnownRun:
     steps: pd.DataFrame
     knn: pd.DataFrame
     name: str = "known"
+    config: dict = field(default_factory=lambda: {"model": {"patch_proj": "learned"}, "seed": 0})
     meta: dict = field(default_factory=lambda: {"status": "finished"})
     layers: pd.DataFrame = field(default_factory=pd.DataFrame)
 
@@ -57,3 +60,29 @@ def test_dip_area_is_top1_times_epochs():
     s = summarize_run(KnownRun(losses([1.0] * 10), val_knn(top1)))
     assert s["n_dips"] == 1 and s["deepest_dip"] == pytest.approx(0.1)
     assert s["dip_area"] == pytest.approx((0.05 + 0.1 + 0.1 + 0.05) * 100 * 0.02)
+
+
+def test_display_table_shows_percent_points_and_whole_counts():
+    curves = [[0.1, 0.3, 0.2, 0.4, 0.35, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5, 0.45]]
+    runs = [KnownRun(losses([1.0 + seed] * 10), val_knn(top1), name=f"s{seed}",
+                     config={"model": {"patch_proj": "learned"}, "seed": seed}) for seed, top1 in enumerate(curves)]
+    raw = compare_runs(runs)
+    assert raw["final_top1"].tolist() == [0.5, 0.45]  # compare_runs keeps fractions
+    shown = display_table(raw)
+    assert shown["final_top1"].tolist() == [50.0, 45.0]
+    assert shown["roughness"].tolist() == [15.0, 5.0]  # points
+    assert str(shown["n_dips"].dtype) == "Int64" and shown["n_dips"].tolist() == [1, 0]
+    assert shown["deepest_dip"].tolist() == [5.0, 0.0]  # 0.4 -> 0.35: 5 points
+    assert shown["dip_area"].tolist() == [10.0, 0.0]  # points x epochs
+    assert shown["n_spikes"].isna().all()  # no per-layer norms in these runs
+    assert shown["final_loss"].tolist() == [1.0, 2.0]
+    spread = display_table(seed_spread(raw))
+    assert spread["final_top1_mean"].iloc[0] == 47.5 and spread["n_seeds"].iloc[0] == 2
+    assert spread["roughness_std"].iloc[0] == pytest.approx(7.1)  # sd of 15 and 5, 1 decimal
+    assert spread["n_dips_mean"].iloc[0] == 0.5
+
+
+def test_an_unknown_by_key_is_an_error():
+    run = KnownRun(losses([1.0] * 10), val_knn([0.5] * 5))
+    with pytest.raises(UnknownKeyError, match="no run's config has model.patch_prj .did you mean model.patch_proj"):
+        compare_runs([run], by="model.patch_prj")
