@@ -210,7 +210,8 @@ def main(argv=None) -> int:
         print(f"| `{rule}` | " + " | ".join(pct(v) for v in r) + " |")
 
     real = real_runs(rules, args.runs, args.quick)
-    print(f"\n### Committed runs ({real['runs'].iloc[0]} under {args.runs.relative_to(ROOT) if args.runs.is_relative_to(ROOT) else args.runs})\n")
+    where = args.runs.relative_to(ROOT) if args.runs.is_relative_to(ROOT) else args.runs
+    print(f"\n### Committed runs ({real['runs'].iloc[0]} under {where})\n")
     print("| rule | events (all layers) | events < 3× | ≥10× values missed |\n|---|---|---|---|")
     for r in real.itertuples():
         print(f"| `{r.rule}` | {r.events} | {r.under_3x} | {r.ten_x_missed} of {r.ten_x_total} |")

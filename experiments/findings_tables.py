@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import (SpikeRule, binomial_noise, compare_runs, config_table, find_spikes, knn_curves,
+from analysis import (DEFAULT_RULE, SpikeRule, binomial_noise, compare_runs, config_table, find_spikes, knn_curves,
                       running_ratio, seed_spread, spike_lead_lag, varied_keys)
 from analysis.compare import METRICS
 from analysis.spikes import WARMUP
@@ -35,9 +35,9 @@ SWEEPS = {"variants_lr1e-1": ["model.patch_proj", "optim.base_lr"],
 BATCH_SWEEPS = ("batch_lr1e-2", "batch512_long_lr1e-2", "batch512_long_lr1e-1")
 BATCH_REFERENCES = ("variants_lr1e-2", "variants_lr1e-1")
 SHORT = {"optim.name": "optimizer"}  # column names where the key's last part says too little
-# spike rules of the lead-lag test: the default robust z, and the paper-style ratio at two levels
+# spike rules of the lead-lag test: the robust z alone, and the paper-style ratio at two levels
 SPIKE_RULES = {"mad z≥6": "mad:6", "ratio ≥10×": "ratio:10", "ratio ≥5×": "ratio:5"}
-SUMMARY_RULE = "mad:6"  # the spike counts of the sweep tables
+SUMMARY_RULE = str(DEFAULT_RULE)  # the spike metrics of the sweep tables (what `compare` uses)
 MAX_LAG = 30  # steps: the paper's caption says "tens of iterations", its text "a couple"
 SEED_OFFSET = 100_000
 REFERENCE_BATCH = 128  # the spike detectors' 50-step warm-up is meant at this batch size

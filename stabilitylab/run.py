@@ -201,12 +201,11 @@ def load_run(path: str | os.PathLike, *, lenient: bool = False) -> Run:
 
 
 def run_dirs_under(folder: Path) -> list[Path]:
-    """The run directories inside `folder` at any depth (a sweep folder, a folder of sweeps),
-    in sorted order; hidden folders and the insides of run directories are not searched."""
-    found = []
-    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        found.extend([child] if is_run_dir(child) else run_dirs_under(child))
-    return found
+    """The run directories in `folder`, sorted: its subfolders that are run directories (a
+    sweep folder), or when it has none (a folder of sweeps) those found the same way in each
+    subfolder. Hidden folders are skipped."""
+    children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [p for p in children if is_run_dir(p)] or [r for child in children for r in run_dirs_under(child)]
 
 
 def expand_run_paths(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Path]:
