@@ -156,6 +156,11 @@ def real_runs(rules: list[SpikeRule], root: Path, quick: bool) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def cell(rule: str) -> str:
+    """A rule as a Markdown table cell: code, with its | escaped."""
+    return "`" + rule.replace("|", "\\|") + "`"
+
+
 def pct(x) -> str:
     return "—" if pd.isna(x) else f"{100 * x:.0f}%"
 
@@ -193,7 +198,7 @@ def main(argv=None) -> int:
           + " | precision | < 3× per 1k steps | ≥10× missed | timing error (steps) | lag exact |")
     print("|---|" + "---|" * (len(SIZES) + 5))
     for rule, r in pooled.iterrows():
-        print(f"| `{rule}` | " + " | ".join(pct(r[f"recall {s}x"]) for s in SIZES)
+        print(f"| {cell(rule)} | " + " | ".join(pct(r[f"recall {s}x"]) for s in SIZES)
               + f" | {pct(r.n_true / r.n_events if r.n_events else np.nan)} | {1000 * r.under_3x / r.steps:.2f}"
               f" | {r.ten_x_missed:.0f} of {r.ten_x_total:.0f} | {r.timing:.2f} | {pct(r.lag)} |")
     false_alarms = scores.pivot(index="rule", columns="noise", values="false_per_1000").reindex(
@@ -201,20 +206,20 @@ def main(argv=None) -> int:
     print("\n### False alarms per 1,000 steps of pure noise\n")
     print("| rule | " + " | ".join(false_alarms.columns) + " |\n|---|" + "---|" * len(false_alarms.columns))
     for rule, r in false_alarms.iterrows():
-        print(f"| `{rule}` | " + " | ".join(f"{v:.2f}" for v in r) + " |")
+        print(f"| {cell(rule)} | " + " | ".join(f"{v:.2f}" for v in r) + " |")
     recall5 = scores.pivot(index="rule", columns="noise", values="recall 5x").reindex(
         index=pooled.index, columns=false_alarms.columns)
     print("\n### Recall of planted 5× spikes per noise model\n")
     print("| rule | " + " | ".join(recall5.columns) + " |\n|---|" + "---|" * len(recall5.columns))
     for rule, r in recall5.iterrows():
-        print(f"| `{rule}` | " + " | ".join(pct(v) for v in r) + " |")
+        print(f"| {cell(rule)} | " + " | ".join(pct(v) for v in r) + " |")
 
     real = real_runs(rules, args.runs, args.quick)
     where = args.runs.relative_to(ROOT) if args.runs.is_relative_to(ROOT) else args.runs
     print(f"\n### Committed runs ({real['runs'].iloc[0]} under {where})\n")
     print("| rule | events (all layers) | events < 3× | ≥10× values missed |\n|---|---|---|---|")
     for r in real.itertuples():
-        print(f"| `{r.rule}` | {r.events} | {r.under_3x} | {r.ten_x_missed} of {r.ten_x_total} |")
+        print(f"| {cell(r.rule)} | {r.events} | {r.under_3x} | {r.ten_x_missed} of {r.ten_x_total} |")
     print(f"\nCPU time {time.process_time() - t0:.1f} s")
 
     default = str(DEFAULT_RULE)
