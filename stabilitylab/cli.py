@@ -117,12 +117,10 @@ def _wrapped(text: str) -> str:
 
 
 def _add_spike_rule(parser) -> None:
-    from analysis.spikes import DEFAULT_RULE
-
     parser.add_argument("--spike-rule", metavar="RULE",
-                        help=f"what counts as a gradient spike (default {DEFAULT_RULE}): tests mad:Z, "
-                             "sigma:Z, ratio:R joined by + (and) and | (or), then ,window=W and "
-                             ",warmup=N; see docs/analysis.md")
+                        help="what counts as a gradient spike: tests mad:Z, sigma:Z, ratio:R joined by + "
+                             "(and) and | (or), then ,window=W and ,warmup=N, e.g. ratio:10,warmup=13 "
+                             "(default: analysis.DEFAULT_RULE, see docs/analysis.md)")
 
 
 def _spike_rule(text):
