@@ -21,6 +21,9 @@ DISPLAY = {"final_top1": (100, 1), "best_top1": (100, 1), "deepest_dip": (100, 1
            "final_loss": (1, 4)}
 
 
+DEFAULT_BY = "model.patch_proj"  # the variant column of a comparison, when the runs have it
+
+
 class UnknownKeyError(ValueError):
     """A config key that no run has, e.g. a mistyped `compare --by`."""
 
@@ -38,10 +41,12 @@ def varied_keys(config: pd.DataFrame, *, exclude=()) -> list[str]:
     return [c for c in config.columns if c not in exclude and config[c].astype(str).nunique() > 1]
 
 
-def compare_runs(runs, *, by="model.patch_proj", **summary_kwargs) -> pd.DataFrame:
+def compare_runs(runs, *, by=None, **summary_kwargs) -> pd.DataFrame:
     """One row per run: its name, the config values that tell runs apart, and its metrics.
 
-    by: dotted config key(s) always included (a str or a list), e.g. "model.patch_proj".
+    by: dotted config key(s) always included (a str or a list), e.g. "model.patch_proj";
+        default "model.patch_proj" when some run's config has it (runs imported from
+        elsewhere may have no such key).
     Config columns are `by` plus every dotted key whose value differs between the runs
     (e.g. "optim.base_lr", "optim.batch_size", "optim.name"). Metric columns are those of
     `summarize_run` (see METRICS): final/best kNN top-1 from `knn_source` ('val' when
@@ -53,8 +58,10 @@ def compare_runs(runs, *, by="model.patch_proj", **summary_kwargs) -> pd.DataFra
     key that no run's config has raises UnknownKeyError.
     """
     runs = list(runs)
-    by = [by] if isinstance(by, str) else list(by)
     config = config_table(runs)
+    if by is None:
+        by = [key for key in [DEFAULT_BY] if key in config.columns]
+    by = [by] if isinstance(by, str) else list(by)
     if unknown := [k for k in by if k not in config.columns]:
         close = difflib.get_close_matches(unknown[0], config.columns, n=3)
         hint = (f"did you mean {' or '.join(close)}?" if close

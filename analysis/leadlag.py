@@ -193,7 +193,7 @@ def _summary(r: LeadLagResult) -> str:
     if n_first == 0:
         return f"{r.first} had no spike events, so there is nothing for it to lead."
     lags = r.matches["lag"].to_numpy(dtype=float)
-    text = (f"{r.first} had {n_first} spike events. Across {len(r.per_layer)} later layer(s), "
+    text = (f"{r.first} had {n_first} spike event{'s' * (n_first != 1)}. Across {len(r.per_layer)} later layer(s), "
             f"{len(lags)} spike events had a {r.first} event within {r.max_lag:g} steps")
     if len(lags):
         text += (f"; in {np.mean(lags > 0):.0%} of them the {r.first} event came first "

@@ -94,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, globs, sweep folders "
                          "or folders of sweeps")
-    compare.add_argument("--by", default="model.patch_proj",
-                         help="config key(s) that name the variant, comma-separated (always shown)")
+    compare.add_argument("--by", metavar="KEYS",
+                         help="config key(s) that name the variant, comma-separated, always shown "
+                              "(default: model.patch_proj when the runs have it)")
     compare.add_argument("--over-seeds", action="store_true",
                          help="one row per setting: mean and standard deviation over its seeds")
     _add_spike_rule(compare)
@@ -313,7 +314,8 @@ def cmd_compare(args) -> int:
     from stabilitylab.run import load_runs
 
     rule = _spike_rule(args.spike_rule)
-    table = compare_runs(load_runs(args.runs), by=[k for k in args.by.split(",") if k], rule=rule)
+    by = None if args.by is None else [k for k in args.by.split(",") if k]
+    table = compare_runs(load_runs(args.runs), by=by, rule=rule)
     if args.over_seeds:
         table = seed_spread(table)
     table = display_table(table)

@@ -86,3 +86,12 @@ def test_an_unknown_by_key_is_an_error():
     run = KnownRun(losses([1.0] * 10), val_knn([0.5] * 5))
     with pytest.raises(UnknownKeyError, match="no run's config has model.patch_prj .did you mean model.patch_proj"):
         compare_runs([run], by="model.patch_prj")
+
+
+def test_runs_without_the_default_variant_key_compare():
+    """Runs imported from elsewhere may have no model.patch_proj: the default `by` then adds
+    no column instead of failing; a `by` the user names must exist."""
+    bare = KnownRun(losses([1.0] * 10), val_knn([0.5] * 5), name="imported", config={})
+    assert list(compare_runs([bare]).columns[:2]) == ["run", "knn_source"]
+    with pytest.raises(UnknownKeyError):
+        compare_runs([bare], by="model.patch_proj")
