@@ -5,7 +5,7 @@ Never imports torch, trainer or stabilitylab; a run is anything with the attribu
 `stabilitylab.run.Run` (name, config, meta, steps, layers, knn, events, grad_norms()).
 Methods and defaults: docs/analysis.md.
 """
-from .compare import compare_runs, config_table, figure6_table, seed_spread, varied_keys
+from .compare import compare_runs, config_table, display_table, figure6_table, seed_spread, varied_keys
 from .dips import find_dips, find_knn_dips, knn_curves
 from .leadlag import LeadLagResult, spike_lead_lag
 from .noise import binomial_noise, curve_noise, robust_noise
@@ -14,5 +14,5 @@ from .summary import format_summary, summarize_run
 
 __all__ = ["find_dips", "find_knn_dips", "knn_curves", "find_spikes", "spike_lead_lag", "LeadLagResult",
            "peak_ratio", "running_ratio", "causal_median", "SpikeRule", "DEFAULT_RULE",
-           "compare_runs", "config_table", "varied_keys", "figure6_table", "seed_spread", "summarize_run", "format_summary", "binomial_noise",
-           "robust_noise", "curve_noise"]
+           "compare_runs", "display_table", "config_table", "varied_keys", "figure6_table", "seed_spread",
+           "summarize_run", "format_summary", "binomial_noise", "robust_noise", "curve_noise"]

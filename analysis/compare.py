@@ -1,14 +1,33 @@
 """Many runs side by side: one row per run, and the paper's Figure 6 grid."""
 from __future__ import annotations
 
+import difflib
+
 import pandas as pd
 
 from .summary import summarize_run
 
 METRICS = ["knn_source", "final_top1", "best_top1", "n_dips", "deepest_dip", "dip_area", "roughness",
-           "n_first_layer_spikes", "first_peak_ratio", "last_peak_ratio", "first_leads_frac", "final_loss"]
-SPREAD_METRICS = ["final_top1", "best_top1", "n_dips", "deepest_dip", "roughness", "first_peak_ratio",
-                  "last_peak_ratio", "final_loss"]
+           "n_first_layer_spikes", "n_spikes", "first_peak_ratio", "last_peak_ratio", "first_leads_frac",
+           "final_loss"]
+SPREAD_METRICS = ["final_top1", "best_top1", "n_dips", "deepest_dip", "dip_area", "roughness",
+                  "n_first_layer_spikes", "n_spikes", "first_peak_ratio", "last_peak_ratio", "final_loss"]
+# How `display_table` shows each metric: (factor, decimals). Top-1, dip depths and dip area
+# in percent (points; dip area in points x epochs), roughness in points; counts as integers
+# (decimals None), their means over seeds to one decimal.
+DISPLAY = {"final_top1": (100, 1), "best_top1": (100, 1), "deepest_dip": (100, 1), "dip_area": (100, 2),
+           "roughness": (100, 1), "n_dips": (1, None), "n_first_layer_spikes": (1, None), "n_spikes": (1, None),
+           "first_peak_ratio": (1, 1), "last_peak_ratio": (1, 1), "first_leads_frac": (1, 2),
+           "final_loss": (1, 4)}
+
+
+DEFAULT_BY = "model.patch_proj"  # the variant column of a comparison, when the runs have it
+
+
+class UnknownKeyError(ValueError):
+    """A config key that no run has, e.g. a mistyped `compare --by`."""
+
+    user_error = True  # the CLI prints it as one line and exits 2
 
 
 def config_table(runs) -> pd.DataFrame:
@@ -22,24 +41,58 @@ def varied_keys(config: pd.DataFrame, *, exclude=()) -> list[str]:
     return [c for c in config.columns if c not in exclude and config[c].astype(str).nunique() > 1]
 
 
-def compare_runs(runs, *, by="model.patch_proj", **summary_kwargs) -> pd.DataFrame:
+def compare_runs(runs, *, by=None, **summary_kwargs) -> pd.DataFrame:
     """One row per run: its name, the config values that tell runs apart, and its metrics.
 
-    by: dotted config key(s) always included (a str or a list), e.g. "model.patch_proj".
+    by: dotted config key(s) always included (a str or a list), e.g. "model.patch_proj";
+        default "model.patch_proj" when some run's config has it (runs imported from
+        elsewhere may have no such key).
     Config columns are `by` plus every dotted key whose value differs between the runs
     (e.g. "optim.base_lr", "optim.batch_size", "optim.name"). Metric columns are those of
     `summarize_run` (see METRICS): final/best kNN top-1 from `knn_source` ('val' when
     present, else 'queue'), n_dips, deepest_dip, dip_area (top-1 x epochs), roughness (sum
-    of the falls between consecutive kNN evaluations), n_first_layer_spikes,
-    first_peak_ratio / last_peak_ratio (largest gradient norm over its running median),
-    first_leads_frac and final_loss. summary_kwargs go to `summarize_run`.
+    of the falls between consecutive kNN evaluations), n_first_layer_spikes, n_spikes (spike
+    events in any layer), first_peak_ratio / last_peak_ratio (largest gradient norm over its
+    running median), first_leads_frac and final_loss, as fractions (`display_table` shows
+    them in percent and points). summary_kwargs go to `summarize_run` (e.g. rule=). A `by`
+    key that no run's config has raises UnknownKeyError.
     """
     runs = list(runs)
-    by = [by] if isinstance(by, str) else list(by)
     config = config_table(runs)
+    if by is None:
+        by = [key for key in [DEFAULT_BY] if key in config.columns]
+    by = [by] if isinstance(by, str) else list(by)
+    if unknown := [k for k in by if k not in config.columns]:
+        close = difflib.get_close_matches(unknown[0], config.columns, n=3)
+        hint = (f"did you mean {' or '.join(close)}?" if close
+                else "give dotted config.yaml keys, e.g. model.patch_proj")
+        raise UnknownKeyError(f"no run's config has {', '.join(unknown)} ({hint})")
     config = config.reindex(columns=by + varied_keys(config, exclude=by))
-    metrics = pd.DataFrame([summarize_run(r, **summary_kwargs) for r in runs]).reindex(columns=METRICS)
+    summaries = [summarize_run(r, **summary_kwargs) for r in runs]
+    for s in summaries:  # spike events in any layer
+        s["n_spikes"] = sum(s["spikes"].values()) if s.get("spikes") else None
+    metrics = pd.DataFrame(summaries).reindex(columns=METRICS)
     return pd.concat([pd.DataFrame({"run": [r.name for r in runs]}), config, metrics], axis=1)
+
+
+def display_table(compare_df: pd.DataFrame) -> pd.DataFrame:
+    """`compare_runs` or `seed_spread` output in the display units of every surface (the CLI's
+    text, CSV and JSON, the HTML report): top-1, dip depths and dip area in percent (dip area
+    in points x epochs), roughness in points, all rounded (see DISPLAY); counts as integers,
+    their means and standard deviations over seeds to one decimal. Column names are kept;
+    other columns are left as they are."""
+    out = compare_df.copy()
+    for column in out.columns:
+        metric = next((m for m in DISPLAY if column in (m, f"{m}_mean", f"{m}_std")), None)
+        if metric is None:
+            continue
+        factor, decimals = DISPLAY[metric]
+        values = pd.to_numeric(out[column], errors="coerce") * factor
+        if decimals is None and column == metric:
+            out[column] = values.round().astype("Int64")
+        else:
+            out[column] = values.round(1 if decimals is None else decimals)
+    return out
 
 
 def figure6_table(compare_df: pd.DataFrame, variant="model.patch_proj", lr="optim.base_lr",

@@ -142,10 +142,7 @@ def _spike_summary(grad_norms: pd.DataFrame, first: str, last, rule: SpikeRule, 
         events = ll.events
         leads = (ll.matches["lag"] > 0).mean() if len(ll.matches) else None
         last = ll.last
-        per_layer = ll.per_layer
-        if "association_p" not in per_layer:  # MERGE(i12-analysis): remove; spike_lead_lag names it association_p
-            per_layer = per_layer.rename(columns={"p_value": "association_p"})
-        row = per_layer[per_layer["layer"] == last].to_dict("records")
+        row = ll.per_layer[ll.per_layer["layer"] == last].to_dict("records")
         row = row[0] if row else {}
         lead_lag = dict(first=first, last=last, verdict=ll.verdict, n_first_events=row.get("n_first_events"),
                         n_last_events=row.get("n_layer_events"), n_matched=row.get("n_matched"),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import (SpikeRule, binomial_noise, compare_runs, config_table, find_spikes, knn_curves,
+from analysis import (DEFAULT_RULE, SpikeRule, binomial_noise, compare_runs, config_table, find_spikes, knn_curves,
                       running_ratio, seed_spread, spike_lead_lag, varied_keys)
 from analysis.compare import METRICS
 from analysis.spikes import WARMUP
@@ -35,9 +35,9 @@ SWEEPS = {"variants_lr1e-1": ["model.patch_proj", "optim.base_lr"],
 BATCH_SWEEPS = ("batch_lr1e-2", "batch512_long_lr1e-2", "batch512_long_lr1e-1")
 BATCH_REFERENCES = ("variants_lr1e-2", "variants_lr1e-1")
 SHORT = {"optim.name": "optimizer"}  # column names where the key's last part says too little
-# spike rules of the lead-lag test: the default robust z, and the paper-style ratio at two levels
+# spike rules of the lead-lag test: the robust z alone, and the paper-style ratio at two levels
 SPIKE_RULES = {"mad z≥6": "mad:6", "ratio ≥10×": "ratio:10", "ratio ≥5×": "ratio:5"}
-SUMMARY_RULE = "mad:6"  # the spike counts of the sweep tables
+SUMMARY_RULE = str(DEFAULT_RULE)  # the spike metrics of the sweep tables (what `compare` uses)
 MAX_LAG = 30  # steps: the paper's caption says "tens of iterations", its text "a couple"
 SEED_OFFSET = 100_000
 REFERENCE_BATCH = 128  # the spike detectors' 50-step warm-up is meant at this batch size
@@ -155,9 +155,14 @@ def pooled(runs, rule: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.concat(norms), pd.concat(events, ignore_index=True)
 
 
+def p_text(p) -> str:
+    return "—" if pd.isna(p) else f"{p:.3f}"
+
+
 def lead_lag_table(settings: dict) -> str:
     rows = [f"| setting | runs | spike rule | first-layer events | last-block events | matched within {MAX_LAG} | "
-            "first leads | median lag | xcorr lag | p |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "first leads | median lag | xcorr lag | association p | direction p |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for setting, runs in settings.items():
         runs = [r for r in runs if len(r.layers) and "patch_embed" in r.grad_norms().columns]
         if not runs:
@@ -170,7 +175,7 @@ def lead_lag_table(settings: dict) -> str:
                         f"{r.n_matched:.0f} | "
                         f"{'—' if pd.isna(r.frac_first_leads) else f'{r.frac_first_leads:.2f}'} | "
                         f"{'—' if pd.isna(r.median_lag) else f'{r.median_lag:+.0f}'} | {r.xcorr_lag:+.0f} | "
-                        f"{'—' if pd.isna(r.p_value) else f'{r.p_value:.3f}'} |")
+                        f"{p_text(r.association_p)} | {p_text(r.direction_p)} |")
     return "\n".join(rows)
 
 

@@ -89,7 +89,8 @@ def summarize(run_dir: Path) -> dict:
         row["max_first_layer_ratio"] = float((norms["patch_embed"] / norms["patch_embed"].rolling(100, 1).median().shift()).max())
         lead = spike_lead_lag(norms)
         last = lead.per_layer.set_index("layer").loc[lead.last]
-        row.update(lead_verdict=lead.verdict, lead_p=float(last["p_value"]), lead_median_lag=float(last["median_lag"]))
+        row.update(lead_verdict=lead.verdict, lead_association_p=float(last["association_p"]),
+                   lead_direction_p=float(last["direction_p"]), lead_median_lag=float(last["median_lag"]))
     return row
 
 

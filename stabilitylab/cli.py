@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import sys
+import textwrap
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -25,14 +26,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stabilitylab",
         description="Training-stability diagnostics for self-supervised ViTs (MoCo v3).",
+        epilog="examples:\n  stabilitylab train\n  stabilitylab analyze runs/my_run\n"
+               "  stabilitylab report runs/my_run\n  stabilitylab COMMAND --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = sub.add_parser(
         "train", help="train MoCo v3 with full instrumentation into a run directory",
-        description="Train MoCo v3 on a timm ViT, logging per-step loss, per-layer gradient norms "
+        description=_wrapped("Train MoCo v3 on a timm ViT, logging per-step loss, per-layer gradient norms "
                     "and a dense kNN curve to a run directory. With no arguments: the CPU preset "
-                    "on the sample images in data_samples/ (a few minutes on 2 cores).",
+                    "on the sample images in data_samples/ (a few minutes on 2 cores)."),
         epilog="examples:\n  stabilitylab train\n  stabilitylab train model.patch_proj=frozen "
                "optim.base_lr=3e-3\n  stabilitylab train --config vit_small_imagenet "
                "data.path=/data/imagenet\n  torchrun --nproc_per_node=8 -m stabilitylab train "
@@ -45,25 +50,56 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     train.add_argument("--force", action="store_true", help="overwrite an existing run directory at --out")
 
-    report = sub.add_parser("report", help="write a self-contained HTML report for runs",
-                            description="One offline HTML page for one run or a comparison of runs.")
-    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, globs or sweep folders")
+    report = sub.add_parser(
+        "report", help="write a self-contained HTML report for runs",
+        description=_wrapped("One offline HTML page for one run or a comparison of runs: verdict, kNN curves "
+                    "and dips, gradient norms and spikes, the lead-lag test, and for several runs the "
+                    "comparison table. Opens in any browser without a network."),
+        epilog="examples:\n  stabilitylab report runs/my_run                  # writes runs/my_run/report.html\n"
+               "  stabilitylab report runs/sweep -o sweep.html --figures figs/\n"
+               "  stabilitylab report runs/a runs/b --spike-rule ratio:10",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, globs, sweep folders "
+                        "or folders of sweeps")
     report.add_argument("-o", "--output", metavar="FILE", help="HTML path (default: RUN_DIR/report.html "
                         "for one run, report.html otherwise)")
     report.add_argument("--figures", metavar="DIR", help="also write PNG and PDF figures here")
+    _add_spike_rule(report)
     report.add_argument("--lenient", action="store_true", help="skip corrupt Parquet parts with a warning")
 
-    analyze = sub.add_parser("analyze", help="print dips, gradient spikes and the lead-lag verdict of a run")
+    analyze = sub.add_parser(
+        "analyze", help="print dips, gradient spikes and the lead-lag verdict of a run",
+        description=_wrapped("Summarize one run: final and best kNN top-1, kNN dips in units of the "
+                    "evaluation noise, gradient spike events per layer under a spike rule, and "
+                    "whether the first layer's spikes lead the last transformer block's."),
+        epilog="examples:\n  stabilitylab analyze runs/my_run\n  stabilitylab analyze runs/my_run --json\n"
+               "  stabilitylab analyze runs/my_run --spike-rule ratio:10          # paper-style >= 10x only\n"
+               "  stabilitylab analyze runs/b512 --spike-rule 'ratio:10,warmup=13'",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     analyze.add_argument("run", metavar="RUN_DIR")
     analyze.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_spike_rule(analyze)
     analyze.add_argument("--lenient", action="store_true", help="skip corrupt Parquet parts with a warning")
 
-    compare = sub.add_parser("compare", help="print a comparison table of runs")
-    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, globs or sweep folders")
-    compare.add_argument("--by", default="model.patch_proj",
-                         help="config key(s) that name the variant, comma-separated (always shown)")
+    compare = sub.add_parser(
+        "compare", help="print a comparison table of runs",
+        description=_wrapped("One row per run (or per setting with --over-seeds): the config keys that differ "
+                    "between the runs and each run's kNN, dip and spike metrics. Top-1, dip depth and "
+                    "roughness are in percentage points, dip area in points x epochs, spike counts are "
+                    "events under the spike rule (n_spikes: in any layer)."),
+        epilog="examples:\n  stabilitylab compare runs/sweep\n"
+               "  stabilitylab compare runs/findings --over-seeds --by model.patch_proj,optim.base_lr\n"
+               "  stabilitylab compare runs/a runs/b --csv > table.csv\n"
+               "  stabilitylab compare runs/sweep --spike-rule 'ratio:10,warmup=13' --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, globs, sweep folders "
+                         "or folders of sweeps")
+    compare.add_argument("--by", metavar="KEYS",
+                         help="config key(s) that name the variant, comma-separated, always shown "
+                              "(default: model.patch_proj when the runs have it)")
     compare.add_argument("--over-seeds", action="store_true",
                          help="one row per setting: mean and standard deviation over its seeds")
+    _add_spike_rule(compare)
     fmt = compare.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="CSV instead of a text table")
     fmt.add_argument("--json", action="store_true", help="JSON records instead of a text table")
@@ -74,7 +110,31 @@ def _parser() -> argparse.ArgumentParser:
     from stabilitylab.importers import add_import_parser
 
     add_import_parser(sub)
+    for command_parser in sub.choices.values():  # so that a bad flag shows its own usage
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
+
+
+def _wrapped(text: str) -> str:
+    """A --help description filled to 88 columns (the raw formatter keeps the examples' lines)."""
+    return textwrap.fill(text, 88)
+
+
+def _add_spike_rule(parser) -> None:
+    parser.add_argument("--spike-rule", metavar="RULE",
+                        help="what counts as a gradient spike: tests mad:Z, sigma:Z, ratio:R joined by + "
+                             "(and) and | (or), then ,window=W and ,warmup=N, e.g. ratio:10,warmup=13 "
+                             "(default: analysis.DEFAULT_RULE, see docs/analysis.md)")
+
+
+def _spike_rule(text):
+    """The SpikeRule of a --spike-rule value (None: the default); a bad one is a UsageError."""
+    from analysis import SpikeRule
+
+    try:
+        return SpikeRule.parse(text)
+    except ValueError as exc:
+        raise UsageError(f"--spike-rule: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     # fills a positional list only once, so later ones arrive here and join the list
     unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
     handlers = {"train": cmd_train, "report": cmd_report, "analyze": cmd_analyze,
@@ -97,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"stabilitylab {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _version() -> str:
+    from stabilitylab import __version__
+
+    return __version__
 
 
 def _is_user_error(exc: Exception) -> bool:
@@ -220,15 +286,16 @@ def cmd_report(args) -> int:
     from stabilitylab.report import write_figures, write_report
     from stabilitylab.run import load_runs
 
+    rule = _spike_rule(args.spike_rule)
     runs = load_runs(args.runs, lenient=args.lenient)
     output = Path(args.output) if args.output else (
         runs[0].path / "report.html" if len(runs) == 1 else Path("report.html"))
     if output.exists() and output.is_dir():
         raise UsageError(f"{output} is a directory; give a file name with -o")
-    write_report(runs, output)
+    write_report(runs, output, rule=rule)
     print(f"report: {output}")
     if args.figures:
-        for path in write_figures(runs, Path(args.figures)):
+        for path in write_figures(runs, Path(args.figures), rule=rule):
             print(f"figure: {path}")
     return 0
 
@@ -237,25 +304,36 @@ def cmd_analyze(args) -> int:
     from analysis import format_summary, summarize_run
     from stabilitylab.run import load_run
 
-    summary = summarize_run(load_run(args.run, lenient=args.lenient))
+    rule = _spike_rule(args.spike_rule)
+    summary = summarize_run(load_run(args.run, lenient=args.lenient), rule=rule)
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
     return 0
 
 
 def cmd_compare(args) -> int:
-    from analysis import compare_runs, seed_spread
+    from analysis import compare_runs, display_table, seed_spread
     from stabilitylab.run import load_runs
 
-    table = compare_runs(load_runs(args.runs), by=[k for k in args.by.split(",") if k])
+    rule = _spike_rule(args.spike_rule)
+    by = None if args.by is None else [k for k in args.by.split(",") if k]
+    table = compare_runs(load_runs(args.runs), by=by, rule=rule)
     if args.over_seeds:
         table = seed_spread(table)
+    table = display_table(table)
     if args.csv:
         print(table.to_csv(index=False), end="")
     elif args.json:
         print(table.to_json(orient="records", indent=2))
     else:
-        print(table.to_string(index=False))
+        print(text_table(table))
     return 0
+
+
+def text_table(table) -> str:
+    """A display table as text wrapped to the terminal's width, numbers without exponents
+    or trailing zeros where possible."""
+    return table.to_string(index=False, line_width=shutil.get_terminal_size().columns,
+                           float_format="{:g}".format)
 
 
 def _cmd_sweep(args) -> int:

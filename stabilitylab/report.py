@@ -27,20 +27,10 @@ from markupsafe import Markup
 from plotly.offline import get_plotlyjs
 
 import stabilitylab
-from analysis import compare_runs, figure6_table, knn_curves
+from analysis import compare_runs, display_table, figure6_table, knn_curves
 from analysis.summary import RunAnalysis, analyze_run, verdict_text
 from stabilitylab import plots
 from stabilitylab.figures import write_figures
-
-try:  # MERGE(i12-analysis): analysis.display_table lands with that branch; keep only this import then
-    from analysis import display_table
-except ImportError:
-    def display_table(compare_df: pd.DataFrame) -> pd.DataFrame:
-        """Stand-in until analysis.display_table merges: top-1 and dip depth in %, roughness in points."""
-        shown = compare_df.copy()
-        for column in ("final_top1", "best_top1", "deepest_dip", "roughness"):
-            shown[column] = (pd.to_numeric(shown[column], errors="coerce") * 100).round(2)
-        return shown
 
 __all__ = ["build_report", "write_report", "write_figures"]
 

@@ -200,8 +200,16 @@ def load_run(path: str | os.PathLike, *, lenient: bool = False) -> Run:
     return Run(path, lenient=lenient)
 
 
+def run_dirs_under(folder: Path) -> list[Path]:
+    """The run directories in `folder`, sorted: its subfolders that are run directories (a
+    sweep folder), or when it has none (a folder of sweeps) those found the same way in each
+    subfolder. Hidden folders are skipped."""
+    children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [p for p in children if is_run_dir(p)] or [r for child in children for r in run_dirs_under(child)]
+
+
 def expand_run_paths(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Path]:
-    """Run directories from paths, globs, or sweep folders (folders of run directories)."""
+    """Run directories from paths, globs, sweep folders or folders of sweeps (see `run_dirs_under`)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found: list[Path] = []
@@ -213,7 +221,7 @@ def expand_run_paths(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> 
             path = Path(match)
             if is_run_dir(path):
                 found.append(path)
-            elif path.is_dir() and (children := sorted(p for p in path.iterdir() if is_run_dir(p))):
+            elif path.is_dir() and (children := run_dirs_under(path)):
                 found.extend(children)
             elif glob.has_magic(str(item)):
                 continue

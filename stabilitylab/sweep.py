@@ -8,6 +8,7 @@ script calling torchrun per run; nothing is submitted).
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -101,7 +102,12 @@ def add_sweep_parser(sub) -> None:
         "sweep", help="run a grid of training runs (resumable) and print the comparison",
         description="Expand --grid options into run directories under --out and run them. "
                     "Finished runs are skipped and interrupted runs resumed, so rerunning the "
-                    "same command carries a sweep on.")
+                    "same command carries a sweep on.",
+        epilog="examples:\n  stabilitylab sweep --out runs/s4 --grid model.patch_proj=learned,frozen --seeds 3\n"
+               "  stabilitylab sweep --out runs/lr --grid optim.base_lr=1e-2,1e-1 --jobs 2 optim.epochs=8\n"
+               "  stabilitylab sweep --out runs/big --grid optim.batch_size=512,1024 --launcher slurm\n"
+               "  stabilitylab sweep --out runs/s4 --grid model.patch_proj=learned,frozen --dry-run",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every run")
     sweep.add_argument("--config", metavar="FILE", help="base config file or preset name")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -177,13 +183,14 @@ def _run_all(runs: list[SweepRun], config: str | None, launcher: str, jobs: int)
 
 
 def _print_comparison(runs: list[SweepRun]) -> None:
-    from analysis import compare_runs, seed_spread
+    from analysis import compare_runs, display_table, seed_spread
+    from stabilitylab.cli import text_table
     from stabilitylab.run import Run, is_run_dir
 
     loaded = [Run(r.path) for r in runs if is_run_dir(r.path)]
     if loaded:
         table = compare_runs(loaded)
-        print(table.to_string(index=False))
+        print(text_table(display_table(table)))
         if "seed" in table:
             print("\nmean and standard deviation over seeds:")
-            print(seed_spread(table).to_string(index=False))
+            print(text_table(display_table(seed_spread(table))))

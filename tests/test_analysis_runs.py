@@ -13,7 +13,7 @@ SAMPLES = Path(__file__).resolve().parents[1] / "data_samples" / "runs"
 
 LAYERS = ["patch_embed", "blocks.0", "blocks.1", "norm", "predictor"]
 N_STEPS = 3000
-SPIKE_STEPS = [500, 1100, 1700, 2300]
+SPIKE_STEPS = [500, 900, 1300, 1700, 2100, 2500]  # 6 leads: an exact sign test can reach p < 0.05
 
 
 @dataclass
@@ -74,17 +74,17 @@ def test_summarize_run():
     assert len(queue_dips) == 1 and queue_dips[0]["confirmed"] is False
     assert 2000 <= queue_dips[0]["bottom_step"] < 2100
     assert summary["n_unconfirmed_dips"] == 1 and summary["n_confirmed_dips"] == 0
-    assert summary["spikes"]["patch_embed"] == 4 and summary["spikes"]["predictor"] == 4
+    assert summary["spikes"]["patch_embed"] == 6 and summary["spikes"]["predictor"] == 6
     assert summary["lead_lag"]["verdict"] == "first leads" and summary["lead_lag"]["median_lag"] == 3
     lead_lag = summary["lead_lag"]
     assert lead_lag["first"] == "patch_embed" and lead_lag["last"] == "blocks.1"  # the last block
-    assert lead_lag["association_p"] < 0.01 and lead_lag["n_matched"] == 4
+    assert lead_lag["association_p"] < 0.01 and lead_lag["n_matched"] == 6
     assert summary["first_leads_frac"] == 1.0
     assert summary["notes"] == [] and summary["warnings"] == []
     assert summary["spike_rule"] == "mad:6+ratio:3|ratio:10"
     text = format_summary(summary)
     assert "Run a (finished" in text and "NOT confirmed" in text
-    assert "patch_embed vs blocks.1: patch_embed spikes lead blocks.1 spikes (4 matched spikes, median lag 3 " \
+    assert "patch_embed vs blocks.1: patch_embed spikes lead blocks.1 spikes (6 matched spikes, median lag 3 " \
            "steps, association p = " in text
     assert "Spike rule: mad:6+ratio:3|ratio:10" in text
 
@@ -101,7 +101,7 @@ def test_summarize_run_without_knn_or_layers():
 def test_summarize_run_without_patch_embed():
     summary = summarize_run(make_run("frozen", layers=LAYERS[1:]))
     assert summary["lead_lag"] is None and "patch_embed not logged: no lead-lag" in summary["notes"]
-    assert summary["spikes"]["blocks.0"] == 4  # blocks.0 is the first column here
+    assert summary["spikes"]["blocks.0"] == 6  # blocks.0 is the first column here
 
 
 def test_compare_runs_and_figure6_table():
@@ -116,7 +116,7 @@ def test_compare_runs_and_figure6_table():
     assert dipped.n_dips == 1 and dipped.deepest_dip == pytest.approx(0.06, abs=0.015)
     assert dipped.dip_area > 0
     assert table.set_index("run").drop("learned-0.01")["n_dips"].eq(0).all()
-    assert table["n_first_layer_spikes"].eq(4).all() and table["first_leads_frac"].eq(1.0).all()
+    assert table["n_first_layer_spikes"].eq(6).all() and table["first_leads_frac"].eq(1.0).all()
     assert table["roughness"].gt(0).all() and table["final_loss"].gt(1).all()
 
     grid = figure6_table(table)

@@ -25,6 +25,7 @@ COMMANDS = {
     "writer": [sys.executable, str(BENCH / "bench_writer.py"), "--quick"],
     "analysis": [sys.executable, str(BENCH / "bench_analysis.py"), "--quick"],
     "monitor": [sys.executable, str(BENCH / "bench_monitor.py"), "--quick"],
+    "detectors": [sys.executable, str(BENCH / "bench_detectors.py"), "--quick"],
 }
 
 
@@ -130,3 +131,14 @@ def test_bench_monitor_quick(runs):
     measured, goal, status = one(results(text), "7 Monitor overhead on/off")
     assert 0.2 < number(measured) < 5 and goal == "<= 1.03" and status == "info"
     assert "ratio on/off median" in text
+
+
+def test_bench_detectors_quick(runs):
+    text = finished(runs, "detectors")
+    rows = results(text)
+    assert one(rows, "8 default rule: >=10x values missed")[0].startswith("0 of ")
+    assert one(rows, "8 default rule: events under 3x")[0] == "0"
+    recall = one(rows, "8 default rule: recall of planted")[0].split(" / ")
+    assert len(recall) == 5 and number(recall[0]) >= 90  # 30x spikes
+    assert "default rule (analysis.DEFAULT_RULE): mad:6+ratio:3|ratio:10" in text
+    assert "| `mad:6` |" in text and "### Committed runs (4 under data_samples/runs)" in text

@@ -1,8 +1,14 @@
 """The command line: help texts, one-line user errors with exit 2, no torch for readers."""
+import io
+import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from stabilitylab.cli import main
@@ -43,6 +49,24 @@ def test_help_lists_every_command():
         assert command in result.stdout
         sub = cli(command, "--help")
         assert sub.returncode == 0 and "usage: stabilitylab " + command in sub.stdout
+        description = sub.stdout.split("\n\n")[1]
+        assert len(description) > 60 and not description.startswith(("positional", "options"))
+        assert "examples:\n  stabilitylab " + command in sub.stdout
+
+
+def test_version():
+    import stabilitylab
+
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"stabilitylab {stabilitylab.__version__}"
+
+
+@pytest.mark.parametrize("command", ["report", "analyze", "compare", "train", "sweep"])
+def test_a_bad_flag_shows_the_usage_of_its_subcommand(command, tiny_run, tmp_path):
+    result = cli(command, str(tiny_run), "--out", str(tmp_path / "new"), "--no-such-flag")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"usage: stabilitylab {command} ")
+    assert "--no-such-flag" in result.stderr.splitlines()[-1]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -50,15 +74,49 @@ def test_help_lists_every_command():
     (["train", "model.patch_proj"], "dotted.key=value"),
     (["train", "--config", "no_such_preset"], "config file not found"),
     (["train", "optim.batch_size=many"], "batch_size"),
+    (["train", "optim.base_lr=-1e-3"], "optim.base_lr=-0.001 is out of range: it must be > 0"),
+    (["train", "optim.batch_size=0"], "optim.batch_size=0 is out of range: it must be >= 1"),
+    (["train", "optim.max_steps=-5"], "optim.max_steps=-5 is out of range: it must be >= 1"),
+    (["train", "optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5] is out of range: each value must be in [0, 1)"),
+    (["train", "moco.m=nan"], "moco.m=nan is out of range: it must be in [0, 1]"),
+    (["train", "--out", "new_run", "knn.queue_fraction=0"], "knn.queue_fraction=0.0 is out of range"),
+    (["sweep", "--out", "sweep", "--grid", "optim.base_lr=1e-3,-1"], "optim.base_lr=-1.0 is out of range"),
     (["analyze", "/no/such/run"], "no such run directory"),
     (["report", "/no/such/run"], "no such run directory"),
     (["compare", "/no/such/run"], "no such run directory"),
+    (["analyze", "RUN", "--spike-rule", "mad:six"], "--spike-rule: bad spike rule test 'mad:six'"),
+    (["compare", "RUN", "--spike-rule", "ratio:10,span=3"], "--spike-rule: bad spike rule option 'span=3'"),
+    (["report", "RUN", "--spike-rule", "zscore:6"], "--spike-rule: bad spike rule test 'zscore:6'"),
+    (["compare", "RUN", "--by", "optim.lr"], "no run's config has optim.lr (did you mean optim.base_lr?)"),
 ])
-def test_user_errors_are_one_line_exit_2(args, message, tmp_path):
-    result = cli(*args, cwd=tmp_path)
+def test_user_errors_are_one_line_exit_2(args, message, tmp_path, tiny_run):
+    result = cli(*[str(tiny_run) if a == "RUN" else a for a in args], cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.html"))  # nothing written
+
+
+def test_every_numeric_train_option_has_a_range():
+    import dataclasses
+    import typing
+
+    from trainer.config import RANGES, TrainConfig
+
+    def element(kind):  # Optional[int] -> int, List[float] -> float
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        return element(args[0]) if args else kind
+
+    def numeric(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            kind = element(typing.get_type_hints(cls)[f.name])
+            if dataclasses.is_dataclass(kind):
+                yield from numeric(kind, f"{prefix}{f.name}.")
+            elif kind in (int, float):
+                yield prefix + f.name
+
+    assert "optim.betas" in set(numeric(TrainConfig)) and "threads" in set(numeric(TrainConfig))
+    assert sorted(numeric(TrainConfig)) == sorted(RANGES)
 
 
 def test_train_refuses_to_overwrite_a_run(tiny_run, capsys):
@@ -87,7 +145,6 @@ def test_analyze_and_compare_print_results(tiny_run):
     analyzed = cli("analyze", str(tiny_run))
     assert analyzed.returncode == 0 and "run" in analyzed.stdout
     as_json = cli("analyze", str(tiny_run), "--json")
-    import json
     assert json.loads(as_json.stdout)["name"] == "run"
     compared = cli("compare", str(tiny_run), "--csv")
     assert compared.returncode == 0 and compared.stdout.count("\n") == 2  # header + one run
@@ -117,3 +174,30 @@ def test_unreadable_training_image_is_named_in_one_line(tmp_path):
     assert "broken.jpg" in result.stderr and "skip_bad_images" in result.stderr
     assert "Traceback" not in result.stderr
     assert '"status": "failed"' in (tmp_path / "run" / "meta.json").read_text()
+
+
+def test_compare_shows_one_unit_in_text_csv_and_json(tiny_run):
+    csv = cli("compare", str(tiny_run), "--csv").stdout
+    records = json.loads(cli("compare", str(tiny_run), "--json").stdout)
+    text = cli("compare", str(tiny_run), env={**os.environ, "COLUMNS": "80"}).stdout
+    row = pd.read_csv(io.StringIO(csv)).iloc[0]
+    # the queue kNN rises from 20% to 40% in 15 evaluations: percent, not fractions
+    assert row.final_top1 == records[0]["final_top1"] == 40.0
+    assert row.best_top1 == 40.0 and row.roughness == 0.0
+    assert not re.search(r"\d\.\d{5,}", csv)  # rounded
+    assert max(len(line) for line in text.splitlines()) <= 80  # wrapped to the terminal
+    assert re.search(r"final_top1.*\n.*\b40\b", text)
+
+
+def test_compare_over_seeds_keeps_spike_counts(tiny_run):
+    header = cli("compare", str(tiny_run), "--over-seeds", "--csv").stdout.splitlines()[0].split(",")
+    for metric in ("n_first_layer_spikes", "n_spikes", "final_top1", "roughness"):
+        assert f"{metric}_mean" in header and f"{metric}_std" in header
+
+
+def test_compare_reads_a_folder_of_sweeps(tiny_run, tmp_path):
+    for sweep, run in [("sweep_a", "r1"), ("sweep_a", "r2"), ("sweep_b", "r3")]:
+        shutil.copytree(tiny_run, tmp_path / "sweeps" / sweep / run)
+    result = cli("compare", str(tmp_path / "sweeps"), "--csv")
+    assert result.returncode == 0, result.stderr
+    assert [line.split(",")[0] for line in result.stdout.splitlines()[1:]] == ["r1", "r2", "r3"]

@@ -86,3 +86,35 @@ def test_findings_scripts_reject_a_folder_without_sweeps(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         experiment_script("findings_figures").main([str(tmp_path), str(tmp_path / "figures")])
     assert exit_info.value.code == 2 and "no figure written" in capsys.readouterr().err
+
+
+def test_every_surface_counts_the_same_spikes(capsys):
+    """analyze, compare and the findings tables give one run the same spike counts under the
+    same rule (the findings page's >= 10x rule with its batch-512 warm-up)."""
+    import io
+
+    import pandas as pd
+
+    from stabilitylab.cli import main
+
+    path = SAMPLES / "findings" / "batch512_long_lr1e-1" / "batch_size=512_seed0"
+    rule = "ratio:10,warmup=13"
+    assert main(["analyze", str(path), "--json", "--spike-rule", rule]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["spike_rule"] == rule
+    per_layer = {layer: n for layer, n in summary["spikes"].items() if n}
+    # the page's first-layer table lists this run's steps 40, 161 and 208
+    assert sum(per_layer.values()) == 31 and per_layer["patch_embed"] == 3
+
+    assert main(["compare", str(path), "--csv", "--spike-rule", rule]) == 0
+    row = pd.read_csv(io.StringIO(capsys.readouterr().out)).iloc[0]
+    assert row.n_spikes == 31 and row.n_first_layer_spikes == 3
+
+    tables = experiment_script("findings_tables")
+    run = sl.load_run(path)
+    assert tables.run_rule(run, "ratio:10") == tables.SpikeRule.parse(rule)
+    counts = tables.ten_x_counts({"seed0": [run]}).splitlines()
+    header, values = counts[0].split(" | ")[1:], counts[2].split(" | ")[1:]
+    found = {layer.strip(" |"): int(v.split()[0]) for layer, v in zip(header, values) if v.strip(" |") != "0"}
+    assert found == per_layer
+    assert len(tables.first_layer_spikes([run]).splitlines()) - 2 == per_layer["patch_embed"]

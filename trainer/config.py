@@ -7,6 +7,7 @@ through OmegaConf (YAML file + dotted overrides), and hands it to `trainer.train
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -38,6 +39,50 @@ CHOICES = {
     "data.augment": ("mocov3", "none"),
     "knn.backend": ("auto", "faiss", "torch"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The allowed values of a numeric option: low..high, each end open or closed."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:  # NaN and +-inf are in none
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open or math.isinf(self.high) else value <= self.high
+        return bool(above and below)
+
+    def __str__(self) -> str:
+        if math.isinf(self.high):
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Interval(0, low_open=True), Interval(0), Interval(1)
+FRACTION, UNIT = Interval(0, 1, low_open=True), Interval(0, 1)
+# allowed range of every numeric option (each element of a list), checked by resolve();
+# None stays allowed where the field is Optional
+RANGES = {
+    "seed": NON_NEGATIVE, "max_nonfinite_steps": AT_LEAST_ONE, "threads": AT_LEAST_ONE,
+    **{f"model.{key}": AT_LEAST_ONE for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads",
+                                                 "head_hidden_dim", "head_out_dim")},
+    "model.mlp_ratio": POSITIVE, "model.patch_proj_clip": POSITIVE,
+    "moco.m": UNIT, "moco.temperature": POSITIVE,
+    "optim.base_lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.betas": Interval(0, 1, high_open=True),
+    "optim.eps": NON_NEGATIVE, "optim.momentum": Interval(0, 1, high_open=True), "optim.batch_size": AT_LEAST_ONE,
+    "optim.epochs": POSITIVE, "optim.warmup_epochs": NON_NEGATIVE, "optim.warmup_steps": NON_NEGATIVE,
+    "optim.max_steps": AT_LEAST_ONE,
+    "data.crop_min": FRACTION, "data.num_workers": NON_NEGATIVE, "data.synthetic_size": AT_LEAST_ONE,
+    "data.synthetic_classes": AT_LEAST_ONE,
+    "knn.every": AT_LEAST_ONE, "knn.k": AT_LEAST_ONE, "knn.temperature": POSITIVE, "knn.queue_fraction": FRACTION,
+    "knn.val_size": AT_LEAST_ONE, "knn.full_every_epochs": NON_NEGATIVE, "knn.full_every_steps": AT_LEAST_ONE,
+    "knn.bank_size": AT_LEAST_ONE, "knn.full_queries": AT_LEAST_ONE,
+    "log.every": NON_NEGATIVE, "log.flush_every_steps": AT_LEAST_ONE, "log.flush_every_s": POSITIVE,
+    "checkpoint.every_steps": AT_LEAST_ONE, "checkpoint.keep": AT_LEAST_ONE,
 }
 
 
@@ -146,20 +191,32 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
+def option(cfg: TrainConfig, dotted: str):
+    """The value of a dotted option, e.g. option(cfg, "optim.base_lr")."""
+    node = cfg
+    for key in dotted.split("."):
+        node = getattr(node, key)
+    return node
+
+
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Check the string options, fill preset-dependent model fields in place, return cfg."""
+    """Check the string options, fill preset-dependent model fields in place, check every
+    numeric option's range (RANGES), return cfg. A bad value raises ValueError naming it."""
     for dotted, allowed in CHOICES.items():
-        node = cfg
-        for key in dotted.split("."):
-            node = getattr(node, key)
-        if node not in allowed:
-            raise ValueError(f"{dotted}={node!r} is not one of: {', '.join(allowed)}")
+        if (value := option(cfg, dotted)) not in allowed:
+            raise ValueError(f"{dotted}={value!r} is not one of: {', '.join(allowed)}")
     m = cfg.model
     if m.preset not in MODEL_PRESETS:
         raise ValueError(f"model.preset={m.preset!r} is not one of: {', '.join(MODEL_PRESETS)}")
     for key, value in MODEL_PRESETS[m.preset].items():
         if getattr(m, key) is None:
             setattr(m, key, value)
+    for dotted, allowed in RANGES.items():
+        value = option(cfg, dotted)
+        for v in value if isinstance(value, list) else [] if value is None else [value]:
+            if v not in allowed:
+                what = "each value" if isinstance(value, list) else "it"
+                raise ValueError(f"{dotted}={value!r} is out of range: {what} must be {allowed}")
     if m.img_size % m.patch_size:
         raise ValueError(f"model.img_size={m.img_size} is not a multiple of model.patch_size={m.patch_size}")
     if m.embed_dim % m.num_heads:
