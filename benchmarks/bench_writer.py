@@ -257,7 +257,7 @@ def main(argv=None) -> int:
                     for name, bpr, rps in settings_table(compacted_table(root), tmp):
                         print(f"  {name:55s} {bpr:6.2f} B/row  (write {rps / 1e6:5.1f} M rows/s)")
         if args.real:
-            from stabilitylab.run import read_table
+            from stabilitylab.rundir import read_table
 
             table = read_table(args.real, "layers", as_arrow=True)
             print(f"real run {args.real}: {table.num_rows:,} rows")
