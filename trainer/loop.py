@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from trainer import distributed as dist_utils
-from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from trainer.config import TrainConfig
+from trainer.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, save_checkpoint
+from trainer.config import TrainConfig, config_differences
 from trainer.data import ResumableSampler, build_datasets, build_loader
 from trainer.knn import KnnMonitor, knn_accuracy, knn_predict
 from trainer.model import patch_proj_parameters
@@ -80,7 +80,10 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Tensors and plain values only, so that checkpoints load with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -88,7 +91,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]  # keys: a tensor, or an array in older checkpoints
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -161,6 +165,7 @@ class Trainer:
             self.full_queries = (self._fixed_subset(self.data.val_plain, cfg.knn.full_queries)
                                  if self.is_main and cfg.knn.full_queries else None)
         self.step = 0
+        self.fit_start = 0  # the step fit() started from
         self.nonfinite_in_a_row = 0
         self.step_rows: list[dict] = []
         self.last_top1 = float("nan")
@@ -266,13 +271,47 @@ class Trainer:
         _set_rng_state(state["rng"])
         self.step = state["step"]
 
-    def save(self) -> None:
-        """Flush the logs first: a checkpoint at step S promises every row up to S is on disk."""
-        self._flush_logs()
+    def resume(self, checkpoint: Checkpoint, state: dict) -> None:
+        """Continue from a loaded checkpoint; one that does not fit the configured model or
+        optimizer raises `CheckpointError` naming the file and the config keys changed since."""
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [repr(exc)]
+            detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+            changed = [key for key, _, _ in config_differences(state.get("config", {}), asdict(self.cfg))]
+            since = f" (config changed since: {', '.join(changed)})" if changed else ""
+            raise CheckpointError(f"{checkpoint.path} does not fit this run's model: {detail}{since}") from None
+
+    def log_to(self, writer) -> None:
+        """Log through `writer` from now on (rank 0; the other ranks keep writing nothing)."""
         if self.is_main:
-            save_checkpoint(self.state_dict(), self.run_dir, self.step - 1, keep=self.cfg.checkpoint.keep)
-            self.writer.event(self.step - 1, "checkpoint", f"step-{self.step - 1:08d}.pt")
-            self.writer.flush(self.step - 1)
+            self.writer = writer
+
+    def _state_is_finite(self) -> bool:
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        tensors += [v for per_param in self.optimizer.state.values() for v in per_param.values()
+                    if torch.is_tensor(v) and v.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+    def save(self) -> Checkpoint | None:
+        """Checkpoint the state after step S = step - 1, flushing the logs first: a checkpoint
+        at step S promises every row up to S is on disk. Non-finite weights are never saved,
+        so the newest checkpoint is always the last finite one."""
+        self._flush_logs()
+        if not self.is_main or self.step == self.fit_start:
+            return None  # no step since the start or the resume: nothing new to save
+        step = self.step - 1
+        if not self._state_is_finite():
+            kept = latest_checkpoint(self.run_dir)
+            self.writer.event(step, "checkpoint_skipped", "non-finite weights; newest finite checkpoint: "
+                              + (kept.path.name if kept else "none"))
+            self.writer.flush(step)
+            return None
+        checkpoint = save_checkpoint(self.state_dict(), self.run_dir, step, keep=self.cfg.checkpoint.keep)
+        self.writer.event(step, "checkpoint", checkpoint.path.name)
+        self.writer.flush(step)
+        return checkpoint
 
     # ------------------------------------------------------------------ logging
 
@@ -358,6 +397,7 @@ class Trainer:
                                 world_size=self.world, precision=self.precision,
                                 total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         full_every = self._full_knn_every()
+        self.fit_start = self.step
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.log.progress and self.is_main),
                    unit="step", dynamic_ncols=True)
         try:
@@ -372,10 +412,11 @@ class Trainer:
                     self.step_rows.append(row)
                     self.step += 1
                     if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                        self.save()
+                        saved = self.save() or latest_checkpoint(self.run_dir)
                         raise UserError(f"{self.nonfinite_in_a_row} non-finite steps in a row at step "
                                         f"{self.step - 1}: the run diverged (lower optim.base_lr, or "
-                                        f"use precision=fp32/bf16); checkpoint saved")
+                                        f"use precision=fp32/bf16); newest finite checkpoint: "
+                                        f"{saved.path.name if saved else 'none'}")
                     if self.knn is not None and self.is_main and self.step % cfg.knn.every == 0:
                         self.evaluate_queue_knn()
                     if full_every and self.step % full_every == 0 and self.is_main:
@@ -400,13 +441,11 @@ class Trainer:
             bar.close()
 
 
-def train(cfg: TrainConfig, *, run_dir, writer=None, resume_from: Checkpoint | None = None) -> Trainer:
-    """Train MoCo v3 as configured, logging to `writer`; resume from a checkpoint if given."""
+def train(cfg: TrainConfig, *, run_dir, writer=None) -> Trainer:
+    """Train MoCo v3 as configured from step 0, logging to `writer`. (Resuming is
+    `Trainer.resume` + `Trainer.log_to` + `Trainer.fit`, as `stabilitylab train --resume` does.)"""
     trainer = Trainer(cfg, run_dir, writer)
     try:
-        if resume_from is not None:
-            trainer.load_state_dict(load_checkpoint(resume_from, map_location=trainer.device))
-            trainer.writer.event(trainer.step - 1, "resumed", f"from {resume_from.path.name}")
         trainer.fit()
     finally:
         dist_utils.teardown()
