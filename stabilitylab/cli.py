@@ -128,16 +128,18 @@ def _prepare_new_run_dir(path: Path, force: bool) -> None:
     its first step: no step, no checkpoint) is reused; other contents need --force, which
     only ever deletes a run directory.
     """
-    from stabilitylab.rundir import CHECKPOINT_DIR, LOCK_FILE, is_run_dir, read_meta, read_table
+    from stabilitylab.rundir import (CHECKPOINT_DIR, LOCK_FILE, META_FILE, RUN_ENTRIES, is_run_dir,
+                                     read_meta, read_table)
 
     entries = [p for p in path.iterdir() if p.name != LOCK_FILE]
     if not entries:
         return
-    if force and not is_run_dir(path):
+    ours = is_run_dir(path) or all(p.name in RUN_ENTRIES for p in entries)
+    if force and not ours:
         raise UsageError(f"{path} exists and is not a run directory; refusing to overwrite it")
     if not force:
-        if (not is_run_dir(path) or read_meta(path).get("status") == "finished"
-                or any((path / CHECKPOINT_DIR).glob("step-*.pt"))):
+        meta = read_meta(path) if (path / META_FILE).exists() else {}
+        if not ours or meta.get("status") == "finished" or any((path / CHECKPOINT_DIR).glob("step-*.pt")):
             raise UsageError(f"{path} already exists; pick another --out, continue it with "
                              f"--resume {path}, or overwrite it with --force")
         n_steps = len(read_table(path, "steps", columns=["step"], as_arrow=True))
@@ -222,10 +224,10 @@ def _train(args, cfg, run_dir: Path, lock, rank: int) -> int:
 
     writer = None
     if rank == 0 and not args.resume:
-        writer = open_writer()
         atomic_write_text(run_dir / CONFIG_FILE, config_to_yaml(cfg))
         write_meta(run_dir, {**_environment_meta(cfg), "start_time": utc_now().isoformat(),
                              "end_time": None, "status": "running"})
+        writer = open_writer()
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # schedulers send SIGTERM first
     status, error, code = "failed", None, 1
     try:

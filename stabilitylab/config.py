@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stabilitylab.rundir import CONFIG_FILE, is_run_dir
+from stabilitylab.rundir import CONFIG_FILE, is_run_dir, read_yaml_mapping
 from trainer.config import TrainConfig, resolve
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -42,16 +41,9 @@ def read_yaml_config(path: Path, *, interpolate: bool = True) -> dict:
     ``interpolate=False`` escapes every ``${`` so that OmegaConf keeps it as text.
     """
     try:
-        data = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not a text file (not UTF-8); give a YAML config") from None
-    except yaml.YAMLError as exc:
-        reason = " ".join(str(exc).split())
-        raise ConfigError(f"{path} is not valid YAML: {reason}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} holds a YAML {type(data).__name__}, not a mapping of config keys")
+        data = read_yaml_mapping(path)
+    except ValueError as exc:
+        raise ConfigError(f"{path} {exc}") from None
     return data if interpolate else _escape_interpolations(data)
 
 

@@ -78,6 +78,9 @@ META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
 CHECKPOINT_DIR = "checkpoints"
+# every name the format puts in a run directory (a folder holding only these is one, maybe half made)
+RUN_ENTRIES = frozenset({CONFIG_FILE, META_FILE, SEGMENTS_FILE, LOCK_FILE, CHECKPOINT_DIR, *TABLES})
+LENIENT_HINT = " (--lenient / lenient=True skips it)"
 _PART = re.compile(r"^part-(\d+)\.parquet$")
 
 
@@ -164,10 +167,10 @@ def remove_temporaries(run_dir: Path) -> None:
 class RunLock:
     """The exclusive lock on one run directory, held until `release()` or the process ends.
 
-    A POSIX record lock (``fcntl.lockf``) on ``RUN_DIR/.lock``: the kernel drops it when the
-    holder dies, so the lock of a killed process never blocks, and, unlike ``flock``, forked
-    children (DataLoader workers, which outlive a killed parent for a few seconds) do not
-    inherit it. POSIX locks belong to the process, so one process holds at most one
+    A POSIX record lock (``fcntl.lockf``) on ``RUN_DIR/.lock`` (which says who holds it): the
+    kernel drops it when the holder dies, so the lock of a killed process never blocks, and,
+    unlike ``flock``, forked children (DataLoader workers, which outlive a killed parent for
+    a few seconds) do not inherit it. POSIX locks belong to the process, so one process holds at most one
     `RunLock` per directory. Creates the directory (and its parents) if needed.
     """
 
@@ -215,8 +218,14 @@ class RunLock:
         self._key = key
 
     def release(self) -> None:
+        """Unlock and remove the lock file (a process that opened it meanwhile notices that
+        the name is gone once it holds the lock, and locks a fresh file instead)."""
         if self._fd is None:
             return
+        try:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only disk: the stale file does not block anyone
         fcntl.lockf(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
@@ -266,7 +275,7 @@ def read_segments(run_dir: str | os.PathLike, *, lenient: bool = False) -> list[
     except (ValueError, UnicodeDecodeError) as exc:
         message = f"{path} is damaged: {str(exc).splitlines()[0]}"
         if not lenient:
-            raise RunDirError(message + " (load with lenient=True to read every generation)") from None
+            raise RunDirError(message + " (--lenient / lenient=True reads every generation)") from None
         warnings.warn(message + "; reading every generation, superseded rows may repeat", stacklevel=3)
         return None
     return segments
@@ -500,24 +509,41 @@ def read_meta(run_dir: str | os.PathLike, *, lenient: bool = False) -> dict:
 def read_config(run_dir: str | os.PathLike, *, lenient: bool = False) -> dict:
     """config.yaml as plain dicts ({} when absent), parsed safely: no Python tags, no
     interpolation. A damaged file raises `RunDirError` (lenient: warns, returns {})."""
-    import yaml  # omegaconf's dependency; plain YAML in, plain dicts out
-
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         return {}
     try:
-        config = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
-        if not isinstance(config, dict):
-            raise ValueError(f"expected a mapping of config keys, found {type(config).__name__}")
-    except (yaml.YAMLError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-        return _damaged(path, f"is not a YAML config: {exc}", lenient, {})
-    return config
+        return read_yaml_mapping(path)
+    except ValueError as exc:
+        return _damaged(path, str(exc), lenient, {})
+
+
+def read_yaml_mapping(path: str | os.PathLike) -> dict:
+    """A YAML file holding a mapping, as plain dicts; safe YAML only (a ``!!python`` tag is
+    an error, never code). Raises ValueError with one line saying what is wrong."""
+    import yaml  # omegaconf's dependency; plain YAML in, plain dicts out
+
+    try:
+        data = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("is not a text file (not UTF-8)") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"is not valid YAML: {exc.problem or exc.context}{where}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"is not valid YAML: {' '.join(str(exc).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"holds a YAML {type(data).__name__}, not a mapping of config keys")
+    return data
 
 
 def _damaged(path: Path, what: str, lenient: bool, fallback):
     message = f"{path} {what}".splitlines()[0]
     if not lenient:
-        raise RunDirError(message + " (load with lenient=True to skip it)")
+        raise RunDirError(message + LENIENT_HINT)
     warnings.warn(message + "; skipped", stacklevel=3)
     return fallback
 
@@ -541,20 +567,21 @@ def read_table(run_dir: str | os.PathLike, table: str, *, columns: list[str] | N
     """Valid rows of one table, sorted by step (stable), with the segment rule applied.
 
     `columns` projects (``step`` is always read); a column that an older part lacks reads
-    as nulls. A damaged part (unreadable, or a column of the wrong type) raises
+    as nulls, a table folder that an older run lacks as no rows. A damaged part (unreadable, or a column of the wrong type) raises
     `RunDirError` naming the file; with ``lenient=True`` it is skipped with a warning.
     """
     run_dir = Path(run_dir)
     if table not in SCHEMAS:
         raise RunDirError(f"unknown table {table!r}; tables are {', '.join(TABLES)}")
-    if not (run_dir / table).is_dir():
-        raise RunDirError(f"{run_dir} has no {table}/ table folder: not a complete run directory")
     schema = SCHEMAS[table]
     names = schema.names if columns is None else ["step"] + [c for c in columns if c != "step"]
     missing = [c for c in names if c not in schema.names]
     if missing:
         raise RunDirError(f"table {table!r} has no column(s) {missing}; columns are {schema.names}")
     target = pa.schema([schema.field(n) for n in names])
+    if not (run_dir / table).is_dir():  # a table added after the run was written
+        result = target.empty_table()
+        return result if as_arrow else _to_pandas(result)
     try:
         result = _read_valid_rows(run_dir, table, target, lenient)
     except FileNotFoundError:  # a compaction finished between listing and reading: read again
@@ -607,22 +634,38 @@ def _read_part(path: Path, target: pa.Schema, lenient: bool) -> pa.Table | None:
         return part
     arrays = []
     for field in target:
-        if field.name not in present:
+        if field.name not in present or pa.types.is_null(part[field.name].type):
             arrays.append(pa.nulls(part.num_rows, field.type))
             continue
         column = part[field.name]
         try:
-            arrays.append(column.cast(field.type))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            converted = column.cast(field.type) if _kind(column.type) == _kind(field.type) else None
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # e.g. a value out of range
+            converted = None
+        if converted is None:
             return _bad_part(f"Parquet part {path}: column {field.name!r} is {column.type}, "
                              f"not {field.type}", lenient)
+        arrays.append(converted)
     return pa.Table.from_arrays(arrays, schema=target)
+
+
+def _kind(arrow_type: pa.DataType) -> str:
+    """Types that convert without reinterpreting the data: numbers among themselves (an
+    older part's float64 loss), text and dictionary-encoded text, timestamps."""
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    for kind, test in [("number", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)),
+                       ("text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+                       ("time", pa.types.is_timestamp), ("bool", pa.types.is_boolean)]:
+        if test(arrow_type):
+            return kind
+    return str(arrow_type)
 
 
 def _bad_part(message: str, lenient: bool) -> None:
     message = message.splitlines()[0]
     if not lenient:
-        raise RunDirError(message + " (load with lenient=True to skip it)")
+        raise RunDirError(message + LENIENT_HINT)
     warnings.warn(message + "; skipped", stacklevel=4)
     return None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +105,8 @@ def load_checkpoint(checkpoint: Checkpoint, map_location="cpu") -> dict:
     objects (refused: unpickling them could run code), False for a damaged one.
     """
     try:
-        with torch.serialization.safe_globals(_LEGACY_NUMPY):
+        with torch.serialization.safe_globals(_LEGACY_NUMPY), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected pickle protocol")  # a foreign pickle: refused below
             return torch.load(checkpoint.path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only load failed" in str(exc).lower():
@@ -118,7 +120,9 @@ def load_checkpoint(checkpoint: Checkpoint, map_location="cpu") -> dict:
 
 
 def _first_line(exc: Exception) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
+    """The first sentence of an error (torch appends paragraphs of advice)."""
+    text = (str(exc).splitlines() or [""])[0].split(". ")[0]
+    return text or type(exc).__name__
 
 
 def load_latest_checkpoint(run_dir: str | os.PathLike, map_location="cpu"
@@ -136,9 +140,9 @@ def load_latest_checkpoint(run_dir: str | os.PathLike, map_location="cpu"
                 raise
             skipped.append(str(exc))
             continue
-        warnings = [f"{message}; resuming from the older {checkpoint.path.name}" for message in skipped]
-        return checkpoint, state, warnings
+        return checkpoint, state, [f"{message}; resuming from the older {checkpoint.path.name}"
+                                   for message in skipped]
     if skipped:
-        raise CheckpointError(f"no loadable checkpoint in {Path(run_dir) / 'checkpoints'}: "
-                              + "; ".join(skipped))
+        raise CheckpointError(f"no loadable checkpoint in {Path(run_dir) / 'checkpoints'} (delete the "
+                              "damaged ones to start over from step 0): " + "; ".join(skipped))
     return None

@@ -126,7 +126,7 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 500
-    keep: int = 2
+    keep: int = 2  # newest checkpoints kept; 0 keeps all
 
 
 @dataclass

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -165,7 +167,8 @@ class Trainer:
             self.full_queries = (self._fixed_subset(self.data.val_plain, cfg.knn.full_queries)
                                  if self.is_main and cfg.knn.full_queries else None)
         self.step = 0
-        self.fit_start = 0  # the step fit() started from
+        self.saved_step = -1  # the step of the newest checkpoint (-1: none)
+        self.stop_requested = False
         self.nonfinite_in_a_row = 0
         self.step_rows: list[dict] = []
         self.last_top1 = float("nan")
@@ -270,6 +273,7 @@ class Trainer:
             self.knn.load_state_dict(state["knn"])
         _set_rng_state(state["rng"])
         self.step = state["step"]
+        self.saved_step = self.step - 1
 
     def resume(self, checkpoint: Checkpoint, state: dict) -> None:
         """Continue from a loaded checkpoint; one that does not fit the configured model or
@@ -299,9 +303,9 @@ class Trainer:
         at step S promises every row up to S is on disk. Non-finite weights are never saved,
         so the newest checkpoint is always the last finite one."""
         self._flush_logs()
-        if not self.is_main or self.step == self.fit_start:
-            return None  # no step since the start or the resume: nothing new to save
         step = self.step - 1
+        if not self.is_main or step == self.saved_step:
+            return None  # no step since the last checkpoint (or the one resumed from)
         if not self._state_is_finite():
             kept = latest_checkpoint(self.run_dir)
             self.writer.event(step, "checkpoint_skipped", "non-finite weights; newest finite checkpoint: "
@@ -309,6 +313,7 @@ class Trainer:
             self.writer.flush(step)
             return None
         checkpoint = save_checkpoint(self.state_dict(), self.run_dir, step, keep=self.cfg.checkpoint.keep)
+        self.saved_step = step
         self.writer.event(step, "checkpoint", checkpoint.path.name)
         self.writer.flush(step)
         return checkpoint
@@ -390,6 +395,27 @@ class Trainer:
             return knn.full_every_steps
         return max(1, round(knn.full_every_epochs * self.steps_per_epoch)) if knn.full_every_epochs > 0 else 0
 
+    def _stop_at_step_boundary(self) -> dict:
+        """Make SIGINT (Ctrl-C) and SIGTERM (what schedulers send first) ask the loop to stop
+        after the current step, so that no flush or checkpoint is cut in half; a second one
+        interrupts at once. Returns the handlers to restore."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signals reach the main thread only
+
+        def request_stop(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+
+        return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _stop_now(self) -> bool:
+        """Whether any rank was asked to stop (all ranks stop at the same step)."""
+        if self.world == 1:
+            return self.stop_requested
+        flag = torch.tensor(float(self.stop_requested), device=self.device)
+        return bool(dist_utils.all_reduce_mean(flag) > 0)
+
     def fit(self) -> None:
         cfg = self.cfg
         self.writer.update_meta(device=str(self.device) if self.device.type == "cpu"
@@ -397,9 +423,9 @@ class Trainer:
                                 world_size=self.world, precision=self.precision,
                                 total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         full_every = self._full_knn_every()
-        self.fit_start = self.step
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.log.progress and self.is_main),
                    unit="step", dynamic_ncols=True)
+        previous_handlers = self._stop_at_step_boundary()
         try:
             while self.step < self.total_steps:
                 epoch, start_batch = divmod(self.step, self.steps_per_epoch)
@@ -428,6 +454,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", knn=f"{self.last_top1:.1%}",
                                     img_s=f"{row['images_per_sec']:.0f}", refresh=False)
                     bar.update(1)
+                    if self._stop_now():
+                        raise KeyboardInterrupt
                     if self.step >= self.total_steps:
                         break
             if full_every and self.is_main and self.step % full_every != 0:
@@ -438,6 +466,8 @@ class Trainer:
             self.save()
             raise
         finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
             bar.close()
 
 
