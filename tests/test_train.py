@@ -105,6 +105,26 @@ def test_consecutive_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path):
     assert any((run_dir / "checkpoints").glob("step-*.pt"))
 
 
+def test_checkpoints_hold_only_tensors_and_plain_values_and_older_ones_still_load(tmp_path):
+    """weights_only=True loads what the trainer saves; a checkpoint written before the numpy
+    RNG state became a tensor (a numpy array inside) loads too and restores that state."""
+    from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    trainer = Trainer(config("knn.enabled=false"), tmp_path, None)
+    np.random.seed(123)
+    state = trainer.state_dict()
+    expected = np.random.rand(3)
+    save_checkpoint(state, tmp_path, 0)
+    np.random.seed(0)
+    trainer.load_state_dict(load_checkpoint(latest_checkpoint(tmp_path)))
+    np.testing.assert_array_equal(np.random.rand(3), expected)
+    state["rng"]["numpy"] = np.random.get_state()  # the older format
+    expected = np.random.rand(3)
+    save_checkpoint(state, tmp_path, 1)
+    trainer.load_state_dict(load_checkpoint(latest_checkpoint(tmp_path)))
+    np.testing.assert_array_equal(np.random.rand(3), expected)
+
+
 def test_clip_bounds_only_the_patch_projection(tmp_path):
     trainer = Trainer(config("model.patch_proj=clip", "model.patch_proj_clip=1e-4", "knn.enabled=false"),
                       tmp_path / "clip", None)
