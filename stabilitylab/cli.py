@@ -46,8 +46,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="dotted config overrides, e.g. model.patch_proj=frozen optim.base_lr=3e-3")
     train.add_argument("--config", metavar="FILE", help="YAML config file or preset name from configs/")
     train.add_argument("--out", metavar="DIR", help="run directory (default: runs/<time>-<model>-<patch_proj>)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
-    train.add_argument("--force", action="store_true", help="overwrite an existing run directory at --out")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a run from its latest checkpoint (one without a checkpoint starts "
+                            "over from step 0; a finished one is left as it is)")
+    train.add_argument("--force", action="store_true",
+                       help="overwrite an existing run directory at --out (never a folder that is not one)")
 
     report = sub.add_parser("report", help="write a self-contained HTML report for runs",
                             description="One offline HTML page for one run or a comparison of runs.")

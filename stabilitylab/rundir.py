@@ -170,8 +170,8 @@ class RunLock:
     A POSIX record lock (``fcntl.lockf``) on ``RUN_DIR/.lock`` (which says who holds it): the
     kernel drops it when the holder dies, so the lock of a killed process never blocks, and,
     unlike ``flock``, forked children (DataLoader workers, which outlive a killed parent for
-    a few seconds) do not inherit it. POSIX locks belong to the process, so one process holds at most one
-    `RunLock` per directory. Creates the directory (and its parents) if needed.
+    a few seconds) do not inherit it. POSIX locks belong to the process, so one process
+    holds at most one `RunLock` per directory. Creates the directory (and parents) if needed.
     """
 
     _held: "weakref.WeakValueDictionary[str, RunLock]" = weakref.WeakValueDictionary()
@@ -567,8 +567,9 @@ def read_table(run_dir: str | os.PathLike, table: str, *, columns: list[str] | N
     """Valid rows of one table, sorted by step (stable), with the segment rule applied.
 
     `columns` projects (``step`` is always read); a column that an older part lacks reads
-    as nulls, a table folder that an older run lacks as no rows. A damaged part (unreadable, or a column of the wrong type) raises
-    `RunDirError` naming the file; with ``lenient=True`` it is skipped with a warning.
+    as nulls, a table folder that an older run lacks as no rows. A damaged part (unreadable,
+    or a column of the wrong type) raises `RunDirError` naming the file; with
+    ``lenient=True`` it is skipped with a warning.
     """
     run_dir = Path(run_dir)
     if table not in SCHEMAS:
