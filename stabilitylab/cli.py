@@ -213,38 +213,38 @@ def _train(args, cfg, run_dir: Path, lock, rank: int) -> int:
     from trainer.checkpoint import load_latest_checkpoint
     from trainer.data import BadImageError
 
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
     resume = None
     if args.resume:
         resume = load_latest_checkpoint(run_dir)
         if resume is None and read_meta(run_dir).get("status") == "finished":
             raise UsageError(f"no checkpoint in {run_dir / 'checkpoints'} to resume from")
         for warning in resume[2] if resume else []:
-            print(f"stabilitylab train: warning: {warning}", file=sys.stderr)
+            say(f"stabilitylab train: warning: {warning}", file=sys.stderr)
 
     def open_writer(resume_step=None):
         return RunWriter(run_dir, flush_every_steps=cfg.log.flush_every_steps,
                          flush_every_s=cfg.log.flush_every_s, resume_step=resume_step, lock=lock)
 
-    writer = None
-    if rank == 0 and not args.resume:
-        atomic_write_text(run_dir / CONFIG_FILE, config_to_yaml(cfg))
-        write_meta(run_dir, {**_environment_meta(cfg), "start_time": utc_now().isoformat(),
-                             "end_time": None, "status": "running"})
-        writer = open_writer()
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # schedulers send SIGTERM first
-    status, error, code = "failed", None, 1
+    writer, status, error, code = None, "failed", None, 1
     try:
+        if rank == 0 and not args.resume:
+            atomic_write_text(run_dir / CONFIG_FILE, config_to_yaml(cfg))
+            write_meta(run_dir, {**_environment_meta(cfg), "start_time": utc_now().isoformat(),
+                                 "end_time": None, "status": "running"})
+            writer = open_writer()
         trainer = Trainer(cfg, run_dir, writer)
         if args.resume:
             if resume is not None:
                 trainer.resume(resume[0], resume[1])
                 if trainer.step >= trainer.total_steps and read_meta(run_dir).get("status") == "finished":
-                    print(f"{run_dir} already finished at step {trainer.step - 1} of {trainer.total_steps}; "
-                          "nothing to do (raise optim.epochs or optim.max_steps to train longer)")
+                    say(f"{run_dir} already finished at step {trainer.step - 1} of {trainer.total_steps}; "
+                        "nothing to do (raise optim.epochs or optim.max_steps to train longer)")
                     return 0
             else:
-                print(f"{run_dir} has no checkpoint: starting it over from step 0 (the rows it "
-                      "logged are superseded)", file=sys.stderr)
+                say(f"{run_dir} has no checkpoint: starting it over from step 0 (the rows it "
+                    "logged are superseded)", file=sys.stderr)
             if rank == 0:
                 writer = open_writer(resume[0].step if resume else -1)
                 trainer.log_to(writer)
@@ -254,15 +254,15 @@ def _train(args, cfg, run_dir: Path, lock, rank: int) -> int:
         status, code = "finished", 0
     except KeyboardInterrupt:
         status, code = "interrupted", 130
-        print(f"\ninterrupted; continue with: stabilitylab train --resume {run_dir}", file=sys.stderr)
+        say(f"\ninterrupted; continue with: stabilitylab train --resume {run_dir}", file=sys.stderr)
     except (UserError, BadImageError) as exc:
         error = str(exc)
-        print(f"stabilitylab train: error: {error}", file=sys.stderr)
+        say(f"stabilitylab train: error: {error}", file=sys.stderr)
     except OSError as exc:
         error = _one_line(exc)
         if exc.errno not in _WRITE_FAILURES:
             raise  # e.g. a missing data folder: a usage error, printed by main()
-        print(f"stabilitylab train: error: {error}", file=sys.stderr)
+        say(f"stabilitylab train: error: {error}", file=sys.stderr)
     except Exception as exc:
         error = _one_line(exc)
         raise
@@ -270,9 +270,9 @@ def _train(args, cfg, run_dir: Path, lock, rank: int) -> int:
         dist_utils.teardown()
         if writer is not None:
             status, error, code = _close_run(writer, status, error, code)
-    if code == 0 and rank == 0:
-        print(f"run directory: {run_dir}")
-        print(f"next: stabilitylab report {run_dir}")
+    if code == 0:
+        say(f"run directory: {run_dir}")
+        say(f"next: stabilitylab report {run_dir}")
     return code
 
 
@@ -309,12 +309,15 @@ def _record_resume(writer, cfg, overrides: list[str], resume) -> None:
 
 
 def _close_run(writer, status: str, error: str | None, code: int) -> tuple[str, str | None, int]:
-    """Flush, compact a finished run, release the lock and record the status. A disk that
-    refuses these writes makes the run fail with one line, never a second traceback."""
+    """Flush (and compact a finished run), record the status, then release the lock. A disk
+    that refuses these writes makes the run fail with one line, never a second traceback."""
     from stabilitylab.rundir import utc_now
 
     try:
-        writer.close(compact=status == "finished")
+        if status == "finished":
+            writer.compact()
+        else:
+            writer.flush()
     except OSError as exc:
         if error is None:  # the first failure is the one to report
             status, error, code = "failed", _one_line(exc), 1
@@ -323,6 +326,10 @@ def _close_run(writer, status: str, error: str | None, code: int) -> tuple[str, 
         writer.update_meta(status=status, end_time=utc_now().isoformat(), error=error)
     except OSError:
         pass  # the disk refuses even meta.json; the error line above says why
+    try:
+        writer.close(compact=False)
+    except OSError:
+        pass  # rows the disk refused stay unwritten; the lock is released all the same
     return status, error, code
 
 

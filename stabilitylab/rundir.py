@@ -419,6 +419,13 @@ class RunWriter:
     def update_meta(self, **fields) -> None:
         update_meta(self.run_dir, **fields)
 
+    def compact(self) -> None:
+        """Flush, then rewrite every table's valid rows into one file each; the lock stays
+        held and later rows go to the compacted generation."""
+        self.flush()
+        self.gen = _compact(self.run_dir)
+        self._segments, self._part = [{"gen": self.gen, "start_step": 0, "flushes": 1}], 1
+
     def close(self, compact: bool = True) -> None:
         """Flush what is buffered, by default compact the tables into one file each, and
         release the lock (also when a write fails)."""
@@ -426,9 +433,10 @@ class RunWriter:
             return
         self._closed = True
         try:
-            self.flush()
             if compact:
-                _compact(self.run_dir)
+                self.compact()
+            else:
+                self.flush()
         finally:
             self.lock.release()
 
@@ -452,10 +460,10 @@ def compact_run(run_dir: str | os.PathLike) -> None:
         _compact(Path(run_dir))
 
 
-def _compact(run_dir: Path) -> None:
+def _compact(run_dir: Path) -> int:
     """Listing the new generation with start_step 0 in segments.json is the commit point:
     before it readers use the old files, after it the new one; leftover old folders are
-    superseded by the rule and deleted last."""
+    superseded by the rule and deleted last. Returns the new generation."""
     new_gen = next_gen(run_dir)
     for table in TABLES:
         rows = read_table(run_dir, table, as_arrow=True)
@@ -472,6 +480,7 @@ def _compact(run_dir: Path) -> None:
         for gen_dir in (run_dir / table).glob("gen=*"):
             if gen_dir.name != f"gen={new_gen}":
                 shutil.rmtree(gen_dir, ignore_errors=True)
+    return new_gen
 
 
 def write_meta(run_dir: str | os.PathLike, meta: dict) -> None:

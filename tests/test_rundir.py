@@ -77,6 +77,15 @@ def test_resume_supersedes_rows_after_the_checkpoint(tmp_path):
     assert sl.load_run(tmp_path).steps["loss"].tolist() == run.steps["loss"].tolist()
 
 
+def test_rows_after_a_compaction_go_to_the_compacted_generation(tmp_path):
+    writer = new_run(tmp_path)
+    write_steps(writer, range(3), 1.0)
+    writer.compact()
+    write_steps(writer, range(3, 5), 2.0)
+    writer.close(compact=False)
+    assert sl.load_run(tmp_path).steps["loss"].tolist() == [1.0] * 3 + [2.0] * 2
+
+
 def test_new_writer_refuses_a_directory_with_logs(tmp_path):
     new_run(tmp_path).close()
     with pytest.raises(FileExistsError):
