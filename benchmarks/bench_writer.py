@@ -104,28 +104,40 @@ def dir_bytes(path: Path) -> int:
 
 def _write_no_float_dictionary(table: pa.Table, path: Path) -> None:
     """What-if: stabilitylab.rundir.write_parquet_atomic with dictionary encoding limited to
-    the non-float columns, so byte_stream_split actually applies to the floats."""
+    the non-float columns, so byte_stream_split actually applies to the floats (as durable:
+    file and folder fsynced)."""
     tmp = path.with_name(f".{path.name}.tmp")
     floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
     others = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
-    pq.write_table(table, tmp, compression="zstd", use_dictionary=others,
-                   use_byte_stream_split=floats or False)
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd", use_dictionary=others,
+                       use_byte_stream_split=floats or False)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    os.fsync(folder)
+    os.close(folder)
 
 
-def write_run(root: Path, source: Source, n_steps: int, what_if: bool = False,
+def write_run(root: Path, source: Source, n_steps: int, what_if: str | None = None,
               flush_steps: int = FLUSH_STEPS) -> dict:
     """Append + flush every `flush_steps` steps, timed; then close() (compaction), timed.
 
-    what_if: swap the writer's Parquet call for `_write_no_float_dictionary` (benchmark only).
+    what_if (benchmark only): "float dictionary off" swaps the writer's Parquet call for
+    `_write_no_float_dictionary`; "no fsync" makes os.fsync a no-op (not durable: the cost
+    of the writer's fsyncs, 2 per part + 2 for the segments.json commit of each flush).
     """
     if what_if:
-        original = rundir.write_parquet_atomic
-        rundir.write_parquet_atomic = _write_no_float_dictionary
+        name, replacement = {"float dictionary off": ("write_parquet_atomic", _write_no_float_dictionary),
+                             "no fsync": ("fsync", lambda fd: None)}[what_if]
+        module = rundir if name == "write_parquet_atomic" else os
+        original = getattr(module, name)
+        setattr(module, name, replacement)
         try:
             return write_run(root, source, n_steps, flush_steps=flush_steps)
         finally:
-            rundir.write_parquet_atomic = original
+            setattr(module, name, original)
     chunks = [source.chunk(s, min(flush_steps, n_steps - s)) for s in range(0, n_steps, flush_steps)]
     rows = sum(len(c["step"]) for c in chunks)
     writer = RunWriter(root, flush_every_steps=flush_steps)
@@ -246,7 +258,8 @@ def main(argv=None) -> int:
                        f"{part_bpr:.2f} / {comp_bpr:.2f} B/row", "<= 4 B/row", verdict(args.quick, comp_bpr <= 4))
                 if (n_layers, flush_steps) == (15, FLUSH_STEPS):
                     print(f"  float column encodings written: {float_encodings(root)}")
-                    w = write_run(tmp / f"{kind}-{n_layers}-whatif", Source(kind, n_layers), steps, what_if=True)
+                    w = write_run(tmp / f"{kind}-{n_layers}-whatif", Source(kind, n_layers), steps,
+                                  what_if="float dictionary off")
                     w_rate = w["rows"] / (w["t_append"] + w["t_flush"])
                     print(f"  what-if, writer with dictionary encoding off for float columns: "
                           f"{w_rate / 1e6:.2f} M rows/s; {w['part_bytes'] / w['rows']:.2f} B/row as parts, "
@@ -254,10 +267,18 @@ def main(argv=None) -> int:
                     result(f"5 what-if writer, float dictionary off, {kind}, {n_layers} layers",
                            f"{w_rate / 1e6:.2f} M rows/s; {w['compact_bytes'] / w['rows']:.2f} B/row compacted",
                            ">= 2M rows/s, <= 4 B/row", "info")
+                    n = write_run(tmp / f"{kind}-{n_layers}-nofsync", Source(kind, n_layers), steps,
+                                  what_if="no fsync")
+                    n_rate = n["rows"] / (n["t_append"] + n["t_flush"])
+                    fsync_ms = (r["t_flush"] - n["t_flush"]) / r["parts"] * 1e3
+                    print(f"  what-if, os.fsync off (not durable): {n_rate / 1e6:.2f} M rows/s; the fsyncs "
+                          f"cost {fsync_ms:.1f} ms per flush")
+                    result(f"5 what-if writer, fsync off (not durable), {kind}, {n_layers} layers",
+                           f"{n_rate / 1e6:.2f} M rows/s; fsyncs {fsync_ms:.1f} ms per flush", "", "info")
                     for name, bpr, rps in settings_table(compacted_table(root), tmp):
                         print(f"  {name:55s} {bpr:6.2f} B/row  (write {rps / 1e6:5.1f} M rows/s)")
         if args.real:
-            from stabilitylab.run import read_table
+            from stabilitylab.rundir import read_table
 
             table = read_table(args.real, "layers", as_arrow=True)
             print(f"real run {args.real}: {table.num_rows:,} rows")

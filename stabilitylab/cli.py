@@ -6,6 +6,7 @@ User errors print one line to stderr and exit 2 (set STABILITYLAB_DEBUG=1 for a 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -13,9 +14,12 @@ import signal
 import socket
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 EXIT_USAGE = 2
+LENIENT_HELP = ("read damaged runs anyway: skip corrupt Parquet parts and unreadable "
+                "config.yaml / meta.json / segments.json with a warning")
 
 
 class UsageError(Exception):
@@ -47,8 +51,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="dotted config overrides, e.g. model.patch_proj=frozen optim.base_lr=3e-3")
     train.add_argument("--config", metavar="FILE", help="YAML config file or preset name from configs/")
     train.add_argument("--out", metavar="DIR", help="run directory (default: runs/<time>-<model>-<patch_proj>)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
-    train.add_argument("--force", action="store_true", help="overwrite an existing run directory at --out")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a run from its latest checkpoint (one without a checkpoint starts "
+                            "over from step 0; a finished one is left as it is)")
+    train.add_argument("--force", action="store_true",
+                       help="overwrite an existing run directory at --out (never a folder that is not one)")
 
     report = sub.add_parser(
         "report", help="write a self-contained HTML report for runs",
@@ -65,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                         "for one run, report.html otherwise)")
     report.add_argument("--figures", metavar="DIR", help="also write PNG and PDF figures here")
     _add_spike_rule(report)
-    report.add_argument("--lenient", action="store_true", help="skip corrupt Parquet parts with a warning")
+    report.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
 
     analyze = sub.add_parser(
         "analyze", help="print dips, gradient spikes and the lead-lag verdict of a run",
@@ -79,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("run", metavar="RUN_DIR")
     analyze.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_spike_rule(analyze)
-    analyze.add_argument("--lenient", action="store_true", help="skip corrupt Parquet parts with a warning")
+    analyze.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
 
     compare = sub.add_parser(
         "compare", help="print a comparison table of runs",
@@ -100,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--over-seeds", action="store_true",
                          help="one row per setting: mean and standard deviation over its seeds")
     _add_spike_rule(compare)
+    compare.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
     fmt = compare.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="CSV instead of a text table")
     fmt.add_argument("--json", action="store_true", help="JSON records instead of a text table")
@@ -150,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "report": cmd_report, "analyze": cmd_analyze,
                 "compare": cmd_compare, "sweep": _cmd_sweep, "import": _cmd_import}
     try:
-        return handlers[args.command](args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"stabilitylab {args.command}: warning: {message}", file=sys.stderr)
+            return handlers[args.command](args) or 0
     except Exception as exc:
         if os.environ.get("STABILITYLAB_DEBUG") or not _is_user_error(exc):
             raise
@@ -183,16 +194,37 @@ def _default_run_dir(cfg) -> Path:
 
 
 def _prepare_new_run_dir(path: Path, force: bool) -> None:
-    from stabilitylab.run import is_run_dir
+    """Make `path` (locked by the caller) ready for a new run, refusing to lose anything.
 
-    if path.exists() and any(path.iterdir()):
-        if not force:
+    A run directory holding nothing worth keeping (a run that failed or was killed before
+    its first step: no step, no checkpoint) is reused; other contents need --force, which
+    only ever deletes a run directory.
+    """
+    from stabilitylab.rundir import (CHECKPOINT_DIR, LOCK_FILE, META_FILE, RUN_ENTRIES, is_run_dir,
+                                     read_meta, read_table)
+
+    entries = [p for p in path.iterdir() if p.name != LOCK_FILE]
+    if not entries:
+        return
+    ours = is_run_dir(path) or all(p.name in RUN_ENTRIES for p in entries)
+    if force and not ours:
+        raise UsageError(f"{path} exists and is not a run directory; refusing to overwrite it")
+    if not force:
+        meta = read_meta(path) if (path / META_FILE).exists() else {}
+        if not ours or meta.get("status") == "finished" or any((path / CHECKPOINT_DIR).glob("step-*.pt")):
             raise UsageError(f"{path} already exists; pick another --out, continue it with "
                              f"--resume {path}, or overwrite it with --force")
-        if not is_run_dir(path):
-            raise UsageError(f"{path} exists and is not a run directory; refusing to overwrite it")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+        n_steps = len(read_table(path, "steps", columns=["step"], as_arrow=True))
+        if n_steps:
+            raise UsageError(f"{path} holds {n_steps} logged steps of a run stopped before its first "
+                             f"checkpoint; start it over from step 0 with --resume {path} (those rows "
+                             f"are superseded), pick another --out, or overwrite it with --force")
+        print(f"reusing {path}: its run stopped before its first step", file=sys.stderr)
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _environment_meta(cfg) -> dict:
@@ -211,69 +243,163 @@ def _environment_meta(cfg) -> dict:
 
 
 def cmd_train(args) -> int:
-    from stabilitylab.config import config_from_run, config_to_yaml, load_config
-    from stabilitylab.rundir import CONFIG_FILE, RunWriter, atomic_write_text, update_meta, utc_now, write_meta
+    from stabilitylab.config import config_from_run, load_config
+    from stabilitylab.rundir import RunLock
 
     rank = int(os.environ.get("RANK", 0))
-    resume_from = None
+    lock = None
     if args.resume:
         from stabilitylab.run import Run
 
-        run_dir = Run(args.resume).path
         if args.config or args.out:
             raise UsageError("--resume continues a run with its own config.yaml; drop --config/--out")
-        cfg = config_from_run(run_dir, args.overrides)
-        from trainer.checkpoint import latest_checkpoint
-
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None:
-            raise UsageError(f"no checkpoint in {run_dir / 'checkpoints'} to resume from")
+        run_dir = Run(args.resume).path
+        if rank == 0:
+            lock = RunLock(run_dir)  # before reading anything: a second --resume stops here
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.out) if args.out else _default_run_dir(cfg)
         if rank == 0:
+            lock = RunLock(run_dir)  # creates the folder; a second `train --out` stops here
+    try:
+        if args.resume:
+            cfg = config_from_run(run_dir, args.overrides)
+        elif rank == 0:
             _prepare_new_run_dir(run_dir, args.force)
+        return _train(args, cfg, run_dir, lock, rank)
+    finally:
+        if lock is not None:
+            lock.release()  # no-op once the run writer has released it
 
-    from trainer import UserError, train
+
+def _train(args, cfg, run_dir: Path, lock, rank: int) -> int:
+    """Load the checkpoint to resume (nothing is written before it loaded), open the run
+    writer, train, and record how the run ended."""
+    from stabilitylab.config import config_to_yaml
+    from stabilitylab.rundir import CONFIG_FILE, RunWriter, atomic_write_text, read_meta, utc_now, write_meta
+    from trainer import Trainer, UserError
+    from trainer import distributed as dist_utils
+    from trainer.checkpoint import load_latest_checkpoint
     from trainer.data import BadImageError
 
-    writer = None
-    if rank == 0:
-        if resume_from is None:
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
+    resume = None
+    if args.resume:
+        resume = load_latest_checkpoint(run_dir)
+        if resume is None and read_meta(run_dir).get("status") == "finished":
+            raise UsageError(f"no checkpoint in {run_dir / 'checkpoints'} to resume from")
+        for warning in resume[2] if resume else []:
+            say(f"stabilitylab train: warning: {warning}", file=sys.stderr)
+
+    def open_writer(resume_step=None):
+        return RunWriter(run_dir, flush_every_steps=cfg.log.flush_every_steps,
+                         flush_every_s=cfg.log.flush_every_s, resume_step=resume_step, lock=lock)
+
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # schedulers send SIGTERM first
+    writer, status, error, code = None, "failed", None, 1
+    try:
+        if rank == 0 and not args.resume:
             atomic_write_text(run_dir / CONFIG_FILE, config_to_yaml(cfg))
             write_meta(run_dir, {**_environment_meta(cfg), "start_time": utc_now().isoformat(),
                                  "end_time": None, "status": "running"})
-        else:  # config.yaml keeps describing what runs from now on; meta says what changed
-            atomic_write_text(run_dir / CONFIG_FILE, config_to_yaml(cfg))
-            update_meta(run_dir, status="running", end_time=None, resumed_at=utc_now().isoformat(),
-                        resume_overrides=list(args.overrides))
-        writer = RunWriter(run_dir, flush_every_steps=cfg.log.flush_every_steps,
-                           flush_every_s=cfg.log.flush_every_s,
-                           resume_step=None if resume_from is None else resume_from.step)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # schedulers send SIGTERM first
-    status, error = "failed", None
-    try:
-        train(cfg, run_dir=run_dir, writer=writer, resume_from=resume_from)
-        status = "finished"
+            writer = open_writer()
+        trainer = Trainer(cfg, run_dir, writer)
+        if args.resume:
+            if resume is not None:
+                trainer.resume(resume[0], resume[1])
+                if trainer.step >= trainer.total_steps and read_meta(run_dir).get("status") == "finished":
+                    say(f"{run_dir} already finished at step {trainer.step - 1} of {trainer.total_steps}; "
+                        "nothing to do (raise optim.epochs or optim.max_steps to train longer)")
+                    return 0
+            else:
+                say(f"{run_dir} has no checkpoint: starting it over from step 0 (the rows it "
+                    "logged are superseded)", file=sys.stderr)
+            if rank == 0:
+                writer = open_writer(resume[0].step if resume else -1)
+                trainer.log_to(writer)
+                _record_resume(writer, cfg, args.overrides, resume)
+        if trainer.step < trainer.total_steps:  # a resume after the last step only finishes up
+            trainer.fit()
+        status, code = "finished", 0
     except KeyboardInterrupt:
-        status = "interrupted"
-        print(f"\ninterrupted; continue with: stabilitylab train --resume {run_dir}", file=sys.stderr)
-        return 130
+        status, code = "interrupted", 130
+        say(f"\ninterrupted; continue with: stabilitylab train --resume {run_dir}", file=sys.stderr)
     except (UserError, BadImageError) as exc:
         error = str(exc)
-        print(f"stabilitylab train: error: {error}", file=sys.stderr)
-        return 1
+        say(f"stabilitylab train: error: {error}", file=sys.stderr)
+    except OSError as exc:
+        error = _one_line(exc)
+        if exc.errno not in _WRITE_FAILURES:
+            raise  # e.g. a missing data folder: a usage error, printed by main()
+        say(f"stabilitylab train: error: {error}", file=sys.stderr)
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        error = _one_line(exc)
         raise
     finally:
+        dist_utils.teardown()
         if writer is not None:
-            writer.close(compact=status == "finished")
-            writer.update_meta(status=status, end_time=utc_now().isoformat(), error=error)
-    if rank == 0:
-        print(f"run directory: {run_dir}")
-        print(f"next: stabilitylab report {run_dir}")
-    return 0
+            status, error, code = _close_run(writer, status, error, code)
+    if code == 0:
+        say(f"run directory: {run_dir}")
+        say(f"next: stabilitylab report {run_dir}")
+    return code
+
+
+# a disk that is full, read-only, over quota or failing: the run fails with one line
+_WRITE_FAILURES = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO, errno.EFBIG)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and " while writing " in exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _record_resume(writer, cfg, overrides: list[str], resume) -> None:
+    """config.yaml describes what runs from now on; meta.json and the events say what
+    changed against the checkpoint's config (a hand-edited config.yaml, overrides)."""
+    from dataclasses import asdict
+
+    from stabilitylab.config import config_to_yaml
+    from stabilitylab.rundir import CONFIG_FILE, atomic_write_text, read_meta, utc_now
+    from trainer.config import config_differences
+
+    start = writer.start_step
+    changes = config_differences(resume[1].get("config", {}), asdict(cfg)) if resume else []
+    atomic_write_text(writer.run_dir / CONFIG_FILE, config_to_yaml(cfg))
+    recorded = read_meta(writer.run_dir).get("config_changes", [])
+    writer.update_meta(status="running", end_time=None, error=None, resumed_at=utc_now().isoformat(),
+                       resume_overrides=list(overrides),
+                       config_changes=recorded + [{"step": start, "key": key, "checkpoint": old, "now": new}
+                                                  for key, old, new in changes])
+    writer.event(start, "resumed", f"from {resume[0].path.name}" if resume else "from step 0: no checkpoint")
+    for key, old, new in changes:
+        writer.event(start, "config_change", f"{key}: {old!r} -> {new!r} (checkpoint -> config.yaml and overrides)")
+
+
+def _close_run(writer, status: str, error: str | None, code: int) -> tuple[str, str | None, int]:
+    """Flush (and compact a finished run), record the status, then release the lock. A disk
+    that refuses these writes makes the run fail with one line, never a second traceback."""
+    from stabilitylab.rundir import utc_now
+
+    try:
+        if status == "finished":
+            writer.compact()
+        else:
+            writer.flush()
+    except OSError as exc:
+        if error is None:  # the first failure is the one to report
+            status, error, code = "failed", _one_line(exc), 1
+            print(f"stabilitylab train: error: {error}", file=sys.stderr)
+    try:
+        writer.update_meta(status=status, end_time=utc_now().isoformat(), error=error)
+    except OSError:
+        pass  # the disk refuses even meta.json; the error line above says why
+    try:
+        writer.close(compact=False)
+    except OSError:
+        pass  # rows the disk refused stay unwritten; the lock is released all the same
+    return status, error, code
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -316,7 +442,7 @@ def cmd_compare(args) -> int:
 
     rule = _spike_rule(args.spike_rule)
     by = None if args.by is None else [k for k in args.by.split(",") if k]
-    table = compare_runs(load_runs(args.runs), by=by, rule=rule)
+    table = compare_runs(load_runs(args.runs, lenient=args.lenient), by=by, rule=rule)
     if args.over_seeds:
         table = seed_spread(table)
     table = display_table(table)

@@ -1,6 +1,9 @@
 """Config loading: the trainer's dataclass schema + a YAML file + dotted overrides (OmegaConf).
 
-Unknown keys and wrongly typed values are rejected with one line naming the key.
+Unknown keys and wrongly typed values are rejected with one line naming the key. A config
+read from a run directory (`config_from_run`) may come from someone else: it is parsed as
+plain YAML (no Python tags) and its ``${...}`` interpolations stay text, so no resolver
+(``${oc.env:VAR}``) runs on it.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from stabilitylab.rundir import CONFIG_FILE, is_run_dir, read_yaml_mapping
 from trainer.config import TrainConfig, resolve
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -31,12 +35,40 @@ def find_config_file(name: str | Path) -> Path:
     raise ConfigError(f"config file not found: {name} (presets in configs/: {presets})")
 
 
+def read_yaml_config(path: Path, *, interpolate: bool = True) -> dict:
+    """A YAML config file as a plain dict: safe YAML only, one-line errors naming the file.
+
+    ``interpolate=False`` escapes every ``${`` so that OmegaConf keeps it as text.
+    """
+    try:
+        data = read_yaml_mapping(path)
+    except ValueError as exc:
+        raise ConfigError(f"{path} {exc}") from None
+    return data if interpolate else _escape_interpolations(data)
+
+
+def _escape_interpolations(node):
+    if isinstance(node, dict):
+        return {key: _escape_interpolations(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_escape_interpolations(value) for value in node]
+    if isinstance(node, str):
+        return node.replace("${", "\\${")
+    return node
+
+
 def load_config(config_file: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults <- config file <- ``dotted.key=value`` overrides, validated and resolved."""
+    """Defaults <- config file <- ``dotted.key=value`` overrides, validated and resolved.
+
+    The config.yaml of a run directory (``--config RUN_DIR/config.yaml``, ``--resume``)
+    keeps its ``${...}`` as text; interpolations in other config files are resolved.
+    """
     merged = OmegaConf.structured(TrainConfig)
     try:
         if config_file is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(find_config_file(config_file)))
+            path = find_config_file(config_file)
+            data = read_yaml_config(path, interpolate=not is_run_dir(path.parent))
+            merged = OmegaConf.merge(merged, OmegaConf.create(data))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form dotted.key=value")
@@ -54,9 +86,13 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] = ()
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:
+    """The config as YAML text (a ``${...}`` kept as text stays text in the file)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def config_from_run(run_dir: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """The resolved config a run was started with (for --resume)."""
-    return load_config(Path(run_dir) / "config.yaml", overrides)
+    """The config a run directory's config.yaml describes (for --resume), with no resolvers."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: a run directory written by `stabilitylab train` has one")
+    return load_config(path, overrides)

@@ -1,99 +1,20 @@
-"""Reading run directories: `load_run`, `load_runs` and the `Run` object for Jupyter.
+"""The `Run` object for Jupyter, `load_run`, `load_runs` and `concat_runs`.
 
+The format itself (schemas, segment rule, reader) lives in `stabilitylab.rundir`.
 No torch here: reports and analyses load runs without it.
 """
 from __future__ import annotations
 
 import glob
-import json
 import os
-import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from stabilitylab.rundir import CONFIG_FILE, META_FILE, SCHEMAS, TABLES, read_segments, segment_cutoffs
-
-
-class RunDirError(ValueError):
-    """A path that is not a readable run directory (the message says what to fix)."""
-
-
-def is_run_dir(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / META_FILE).exists() and (path / "steps").is_dir()
-
-
-def _parts(run_dir: Path, table: str) -> list[tuple[int | None, Path]]:
-    """(gen, file) of every visible part, in write order; gen None for unpartitioned files."""
-    table_dir = run_dir / table
-    parts = []
-    for path in sorted(table_dir.rglob("*.parquet")):
-        if path.name.startswith("."):
-            continue
-        gen_name = path.parent.name
-        gen = int(gen_name[4:]) if gen_name.startswith("gen=") and gen_name[4:].isdigit() else None
-        parts.append((gen, path))
-    return sorted(parts, key=lambda gp: (-1 if gp[0] is None else gp[0], gp[1].name))
-
-
-def read_table(run_dir: str | os.PathLike, table: str, *, columns: list[str] | None = None,
-               lenient: bool = False, as_arrow: bool = False) -> pd.DataFrame | pa.Table:
-    """Valid rows of one table, sorted by step (stable), with the segment rule applied.
-
-    `columns` projects (``step`` is always read). A corrupt part raises `RunDirError` naming
-    the file; with ``lenient=True`` it is skipped with a warning instead.
-    """
-    run_dir = Path(run_dir)
-    if table not in SCHEMAS:
-        raise RunDirError(f"unknown table {table!r}; tables are {', '.join(TABLES)}")
-    if not (run_dir / table).is_dir():
-        raise RunDirError(f"{run_dir} has no {table}/ table folder: not a complete run directory")
-    schema = SCHEMAS[table]
-    names = schema.names if columns is None else ["step"] + [c for c in columns if c != "step"]
-    missing = [c for c in names if c not in schema.names]
-    if missing:
-        raise RunDirError(f"table {table!r} has no column(s) {missing}; columns are {schema.names}")
-    segments = read_segments(run_dir)
-    cutoffs = segment_cutoffs(segments) if segments is not None else None
-    pieces = []
-    for gen, path in _parts(run_dir, table):
-        if cutoffs is not None and gen not in cutoffs:
-            continue  # unlisted generation: leftover of an interrupted compaction
-        try:
-            part = pq.read_table(path, columns=names)
-        except Exception as exc:  # pyarrow raises several types for damaged files
-            message = f"corrupt Parquet part {path}: {exc}".splitlines()[0]
-            if not lenient:
-                raise RunDirError(message + " (load with lenient=True to skip it)") from exc
-            warnings.warn(message + "; skipped", stacklevel=2)
-            continue
-        if cutoffs is not None and np.isfinite(cutoffs[gen]):
-            part = part.filter(pc.less(part["step"], int(cutoffs[gen])))
-        pieces.append(part.cast(pa.schema([schema.field(n) for n in names])))
-    result = (pa.concat_tables(pieces) if pieces
-              else pa.schema([schema.field(n) for n in names]).empty_table())
-    step = result["step"]
-    if result.num_rows > 1 and not pc.all(pc.greater_equal(step[1:], step[:-1])).as_py():
-        result = result.take(pc.sort_indices(step))  # stable: keeps model order within a step
-    if as_arrow:
-        return result
-    return _to_pandas(result)
-
-
-def _to_pandas(table: pa.Table) -> pd.DataFrame:
-    df = table.to_pandas()
-    if "layer" in df.columns:  # categories in model order = order of first appearance
-        layer = df["layer"].cat.remove_unused_categories()
-        first_seen = layer.cat.categories[pd.unique(layer.cat.codes.to_numpy())]
-        df["layer"] = layer.cat.reorder_categories(first_seen, ordered=True)
-    return df
+from stabilitylab.rundir import SCHEMAS, RunDirError, is_run_dir, read_config, read_meta, read_table
 
 
 class Run:
@@ -119,19 +40,11 @@ class Run:
 
     @cached_property
     def meta(self) -> dict:
-        try:
-            return json.loads((self.path / META_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise RunDirError(f"{self.path / META_FILE} is not valid JSON: {exc}") from exc
+        return read_meta(self.path, lenient=self.lenient)
 
     @cached_property
     def config(self) -> dict:
-        path = self.path / CONFIG_FILE
-        if not path.exists():
-            return {}
-        import yaml  # omegaconf's dependency; plain YAML in, plain dicts out
-
-        return yaml.safe_load(path.read_text()) or {}
+        return read_config(self.path, lenient=self.lenient)
 
     def table(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
         """One table with optional column projection (uncached)."""

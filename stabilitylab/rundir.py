@@ -1,21 +1,32 @@
-"""The run directory: table schemas, the crash-safe Parquet writer and the segment rule.
+"""The run directory, both ways: table schemas, the lock, the crash-safe writer, the segment
+rule and the reader.
 
 See docs/run_directory.md for the contract. This module has no torch dependency: the
 trainer is handed a `RunWriter` by its caller and only calls `append`, `event`,
-`should_flush`, `flush` and `update_meta` on it.
+`should_flush`, `flush` and `update_meta` on it; `stabilitylab.run.Run` reads through
+`read_table`, `read_meta` and `read_config`.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import time
+import warnings
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -65,44 +76,241 @@ TABLES = tuple(SCHEMAS)
 SEGMENTS_FILE = "segments.json"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".lock"
+CHECKPOINT_DIR = "checkpoints"
+# every name the format puts in a run directory (a folder holding only these is one, maybe half made)
+RUN_ENTRIES = frozenset({CONFIG_FILE, META_FILE, SEGMENTS_FILE, LOCK_FILE, CHECKPOINT_DIR, *TABLES})
+LENIENT_HINT = " (--lenient / lenient=True skips it)"
+_PART = re.compile(r"^part-(\d+)\.parquet$")
+
+
+class RunDirError(ValueError):
+    """A path that is not a readable run directory (the message says what to fix)."""
+
+
+class RunInUseError(RunDirError):
+    """Another process holds the run directory's lock."""
 
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# ---------------------------------------------------------------- durable writes
+
+def write_failure(exc: OSError, target: str | os.PathLike) -> OSError:
+    """The one-line form of a failed write: ``No space left on device while writing RUN/layers``."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
+    return OSError(exc.errno, f"{reason} while writing {target}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so that readers see the old or the new content, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write a small file so that readers see the old or the new content, never half, and a
+    power cut cannot leave it empty (file and directory are fsynced: a commit point)."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(exc, path) from None
 
 
-def read_segments(run_dir: Path) -> list[dict] | None:
-    """The listed generations, or None for a directory written without a segments file."""
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """One complete, fsynced Parquet file under its final name (temporary name, then rename)."""
+    tmp = _tmp_name(path)
+    # noisy floats compress best byte-stream-split, which pyarrow only applies to columns
+    # that are not dictionary-encoded: keep dictionaries for the other columns only
+    floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
+    others = [f.name for f in table.schema if f.name not in floats]
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd", use_dictionary=others or False,
+                           use_byte_stream_split=floats or False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(exc, path.parent.parent) from None
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """Delete the ``.*.tmp`` files that a killed write left behind (call with the lock held)."""
+    run_dir = Path(run_dir)
+    folders = [run_dir, run_dir / CHECKPOINT_DIR] + [g for t in TABLES for g in (run_dir / t).glob("gen=*")]
+    for folder in folders:
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the lock
+
+class RunLock:
+    """The exclusive lock on one run directory, held until `release()` or the process ends.
+
+    A POSIX record lock (``fcntl.lockf``) on ``RUN_DIR/.lock`` (which says who holds it): the
+    kernel drops it when the holder dies, so the lock of a killed process never blocks, and,
+    unlike ``flock``, forked children (DataLoader workers, which outlive a killed parent for
+    a few seconds) do not inherit it. POSIX locks belong to the process, so one process
+    holds at most one `RunLock` per directory. Creates the directory (and parents) if needed.
+    """
+
+    _held: "weakref.WeakValueDictionary[str, RunLock]" = weakref.WeakValueDictionary()
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RunDirError(f"{self.run_dir} is a file, not a run directory; give a directory path")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot create {self.run_dir}: {exc.strerror or exc}") from None
+        key = str(self.run_dir.resolve())
+        if key in RunLock._held:
+            raise RunInUseError(f"{self.run_dir} is already open for writing in this process")
+        path = self.run_dir / LOCK_FILE
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise RunDirError(f"cannot lock {self.run_dir}: {exc.strerror or exc}") from None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise RunDirError(f"cannot lock {self.run_dir}: {exc.strerror or exc}") from None
+                raise RunInUseError(f"{self.run_dir} is being written by another process "
+                                    f"({_describe_holder(holder)}); wait for it to end or stop it") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the file was replaced between open and lock: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": utc_now().isoformat(timespec="seconds"),
+                                 "command": " ".join(sys.argv)}).encode())
+        self._fd = fd
+        RunLock._held[key] = self
+        self._key = key
+
+    def release(self) -> None:
+        """Unlock and remove the lock file (a process that opened it meanwhile notices that
+        the name is gone once it holds the lock, and locks a fresh file instead)."""
+        if self._fd is None:
+            return
+        try:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only disk: the stale file does not block anyone
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+        RunLock._held.pop(self._key, None)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on {info['host']}, since {info['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "unknown process"
+
+
+# ---------------------------------------------------------------- the segment rule
+
+def read_segments(run_dir: str | os.PathLike, *, lenient: bool = False) -> list[dict] | None:
+    """The listed generations, or None for a directory written without a segments file.
+
+    A damaged file raises `RunDirError`; with ``lenient=True`` it warns and returns None
+    (every generation is then read, so superseded rows may repeat).
+    """
     path = Path(run_dir) / SEGMENTS_FILE
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        segments = json.loads(path.read_bytes())
+        valid = isinstance(segments, list) and all(
+            isinstance(s, dict) and _is_count(s.get("gen")) and _is_count(s.get("start_step"))
+            and _is_count(s.get("flushes", 0)) for s in segments)
+        if not valid:
+            raise ValueError("expected a list of {\"gen\": G, \"start_step\": S} entries")
+    except (ValueError, UnicodeDecodeError) as exc:
+        message = f"{path} is damaged: {str(exc).splitlines()[0]}"
+        if not lenient:
+            raise RunDirError(message + " (--lenient / lenient=True reads every generation)") from None
+        warnings.warn(message + "; reading every generation, superseded rows may repeat", stacklevel=3)
+        return None
+    return segments
 
 
-def segment_cutoffs(segments: list[dict]) -> dict[int, float]:
-    """gen -> exclusive upper step bound of its valid rows (the segment rule)."""
-    cutoffs, later_min = {}, float("inf")
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def segment_bounds(segments: list[dict]) -> dict[int, tuple[int, float, int | None]]:
+    """gen -> (start_step, exclusive end step, committed flushes or None): the segment rule.
+
+    A row of generation g is valid iff start_step(g) <= step < start_step of every later
+    generation, and it lies in one of g's first `flushes` part files (all when unrecorded).
+    """
+    bounds, later_min = {}, float("inf")
     for seg in sorted(segments, key=lambda s: s["gen"], reverse=True):
-        cutoffs[seg["gen"]] = later_min
+        bounds[seg["gen"]] = (seg["start_step"], later_min, seg.get("flushes"))
         later_min = min(later_min, seg["start_step"])
-    return cutoffs
+    return bounds
 
 
 def next_gen(run_dir: Path) -> int:
     """A generation number above every listed one and every folder on disk (even unlisted
     leftovers of an interrupted compaction, which must never be revived)."""
     listed = [s["gen"] for s in read_segments(run_dir) or []]
-    on_disk = [int(p.name[4:]) for t in TABLES for p in (run_dir / t).glob("gen=*")
-               if p.name[4:].isdigit()]
-    return max(listed + on_disk, default=-1) + 1
+    return max(listed + _gens_on_disk(run_dir), default=-1) + 1
 
+
+def _gens_on_disk(run_dir: Path) -> list[int]:
+    return [int(p.name[4:]) for t in TABLES for p in (Path(run_dir) / t).glob("gen=*")
+            if p.name[4:].isdigit()]
+
+
+# ---------------------------------------------------------------- writing
 
 def to_arrow(table: str, columns: Mapping[str, Sequence] | pa.Table) -> pa.Table:
     """Columns (numpy arrays, lists) -> an Arrow table with the table's schema.
@@ -132,46 +340,49 @@ def to_arrow(table: str, columns: Mapping[str, Sequence] | pa.Table) -> pa.Table
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    # noisy floats compress best byte-stream-split, which pyarrow only applies to columns
-    # that are not dictionary-encoded: keep dictionaries for the other columns only
-    floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
-    others = [f.name for f in table.schema if f.name not in floats]
-    pq.write_table(table, tmp, compression="zstd", use_dictionary=others or False,
-                   use_byte_stream_split=floats or False)
-    os.replace(tmp, path)
-
-
 class RunWriter:
     """Buffers table rows in memory and flushes them as complete Parquet files.
 
-    A flush writes one file per non-empty table under ``TABLE/gen=G/`` via a temporary
-    name and an atomic rename, so a process killed at any moment leaves only complete
-    files. ``resume_step`` (the step of the checkpoint being resumed) opens a new
-    generation starting at ``resume_step + 1``: rows of older generations from that step on
-    are superseded for every reader.
+    Constructing a writer takes the directory's exclusive `RunLock` before touching
+    anything (or takes over `lock`, one the caller already holds); `close()` releases it.
+    A flush writes one fsynced file per non-empty table under ``TABLE/gen=G/``, then commits
+    them together by recording the flush count in segments.json: a process killed at any
+    moment leaves whole flushes only, never a `steps` part without its `layers` part.
+    ``resume_step`` (the step of the checkpoint being resumed; -1 starts over from step 0)
+    opens a new generation starting at ``resume_step + 1``: rows of older generations from
+    that step on are superseded for every reader.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, flush_every_steps: int = 500,
-                 flush_every_s: float = 60.0, resume_step: int | None = None):
+                 flush_every_s: float = 60.0, resume_step: int | None = None,
+                 lock: RunLock | None = None):
         self.run_dir = Path(run_dir)
         self.flush_every_steps = flush_every_steps
         self.flush_every_s = flush_every_s
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        segments = read_segments(self.run_dir) or []
-        if resume_step is None and segments:
-            raise FileExistsError(f"{self.run_dir} already holds logs; resume it or pick a new directory")
-        self.gen = next_gen(self.run_dir)
-        start = 0 if resume_step is None else resume_step + 1
-        self._segments = segments + [{"gen": self.gen, "start_step": start}]
-        for table in TABLES:
-            (self.run_dir / table / f"gen={self.gen}").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-        atomic_write_text(self.run_dir / SEGMENTS_FILE, json.dumps(self._segments))
+        self.lock = lock if lock is not None else RunLock(self.run_dir)
+        self._closed = False
+        try:
+            segments = read_segments(self.run_dir) or []
+            if resume_step is None and segments:
+                raise FileExistsError(f"{self.run_dir} already holds logs; resume it or pick a new directory")
+            self.gen = next_gen(self.run_dir)
+            self.start_step = 0 if resume_step is None else resume_step + 1
+            _remove_unlisted(self.run_dir, segments)
+            remove_temporaries(self.run_dir)
+            self._segments = segments + [{"gen": self.gen, "start_step": self.start_step, "flushes": 0}]
+            try:
+                for table in TABLES:
+                    (self.run_dir / table / f"gen={self.gen}").mkdir(parents=True, exist_ok=True)
+                (self.run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+            except OSError as exc:
+                raise write_failure(exc, self.run_dir) from None
+            atomic_write_text(self.run_dir / SEGMENTS_FILE, json.dumps(self._segments))
+        except BaseException:
+            self.lock.release()
+            raise
         self._buffers: dict[str, list[pa.Table]] = {t: [] for t in TABLES}
         self._part = 0
-        self._last_flush_step = start - 1
+        self._last_flush_step = self.start_step - 1
         self._last_flush_time = time.monotonic()
 
     def append(self, table: str, columns: Mapping[str, Sequence] | pa.Table) -> None:
@@ -190,13 +401,17 @@ class RunWriter:
                 or time.monotonic() - self._last_flush_time >= self.flush_every_s)
 
     def flush(self, step: int | None = None) -> None:
-        """Write every buffered table as one Parquet file each."""
-        for table, parts in self._buffers.items():
-            if parts:
-                path = self.run_dir / table / f"gen={self.gen}" / f"part-{self._part:06d}.parquet"
+        """Write every buffered table as one Parquet file each, then commit them as one unit."""
+        pending = [(table, parts) for table, parts in self._buffers.items() if parts]
+        if pending:
+            part = self._part
+            self._part += 1  # a part number is used once, even when a write below fails
+            for table, parts in pending:
+                path = self.run_dir / table / f"gen={self.gen}" / f"part-{part:06d}.parquet"
                 write_parquet_atomic(pa.concat_tables(parts), path)
                 parts.clear()
-        self._part += 1
+            self._segments[-1]["flushes"] = self._part
+            atomic_write_text(self.run_dir / SEGMENTS_FILE, json.dumps(self._segments))
         if step is not None:
             self._last_flush_step = step
         self._last_flush_time = time.monotonic()
@@ -204,35 +419,68 @@ class RunWriter:
     def update_meta(self, **fields) -> None:
         update_meta(self.run_dir, **fields)
 
-    def close(self, compact: bool = True) -> None:
-        """Flush what is buffered and, by default, compact the tables into one file each."""
+    def compact(self) -> None:
+        """Flush, then rewrite every table's valid rows into one file each; the lock stays
+        held and later rows go to the compacted generation."""
         self.flush()
-        if compact:
-            compact_run(self.run_dir)
+        self.gen = _compact(self.run_dir)
+        self._segments, self._part = [{"gen": self.gen, "start_step": 0, "flushes": 1}], 1
+
+    def close(self, compact: bool = True) -> None:
+        """Flush what is buffered, by default compact the tables into one file each, and
+        release the lock (also when a write fails)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if compact:
+                self.compact()
+            else:
+                self.flush()
+        finally:
+            self.lock.release()
+
+
+def _remove_unlisted(run_dir: Path, segments: list[dict]) -> None:
+    """Delete generation folders that segments.json does not list (an interrupted
+    compaction's output: never read). Only with the lock held and a segments file."""
+    if not segments:
+        return
+    listed = {f"gen={s['gen']}" for s in segments}
+    for table in TABLES:
+        for gen_dir in (run_dir / table).glob("gen=*"):
+            if gen_dir.name not in listed:
+                shutil.rmtree(gen_dir, ignore_errors=True)
 
 
 def compact_run(run_dir: str | os.PathLike) -> None:
-    """Rewrite every table's valid rows into one new generation and drop the old ones.
+    """Rewrite every table's valid rows into one new generation and drop the old ones
+    (takes the directory's lock for the duration)."""
+    with RunLock(run_dir):
+        _compact(Path(run_dir))
 
-    Listing the new generation with start_step 0 in segments.json is the commit point:
+
+def _compact(run_dir: Path) -> int:
+    """Listing the new generation with start_step 0 in segments.json is the commit point:
     before it readers use the old files, after it the new one; leftover old folders are
-    superseded by the rule and deleted last.
-    """
-    from stabilitylab.run import read_table  # the reader owns the segment rule
-
-    run_dir = Path(run_dir)
+    superseded by the rule and deleted last. Returns the new generation."""
     new_gen = next_gen(run_dir)
     for table in TABLES:
         rows = read_table(run_dir, table, as_arrow=True)
         gen_dir = run_dir / table / f"gen={new_gen}"
-        gen_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            gen_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_failure(exc, run_dir / table) from None
         if rows.num_rows:
             write_parquet_atomic(rows, gen_dir / "part-000000.parquet")
-    atomic_write_text(run_dir / SEGMENTS_FILE, json.dumps([{"gen": new_gen, "start_step": 0}]))
+    atomic_write_text(run_dir / SEGMENTS_FILE,
+                      json.dumps([{"gen": new_gen, "start_step": 0, "flushes": 1}]))
     for table in TABLES:
         for gen_dir in (run_dir / table).glob("gen=*"):
             if gen_dir.name != f"gen={new_gen}":
                 shutil.rmtree(gen_dir, ignore_errors=True)
+    return new_gen
 
 
 def write_meta(run_dir: str | os.PathLike, meta: dict) -> None:
@@ -242,7 +490,200 @@ def write_meta(run_dir: str | os.PathLike, meta: dict) -> None:
 
 def update_meta(run_dir: str | os.PathLike, **fields) -> dict:
     path = Path(run_dir) / META_FILE
-    meta = json.loads(path.read_text()) if path.exists() else {}
+    meta = read_meta(run_dir) if path.exists() else {}
     meta.update(fields)
     write_meta(run_dir, meta)
     return meta
+
+
+# ---------------------------------------------------------------- reading
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / META_FILE).exists() and (path / "steps").is_dir()
+
+
+def read_meta(run_dir: str | os.PathLike, *, lenient: bool = False) -> dict:
+    """meta.json as a dict; a damaged file raises `RunDirError` (lenient: warns, returns {})."""
+    path = Path(run_dir) / META_FILE
+    try:
+        meta = json.loads(path.read_bytes())
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, found {type(meta).__name__}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _damaged(path, f"is not valid JSON: {exc}", lenient, {})
+    return meta
+
+
+def read_config(run_dir: str | os.PathLike, *, lenient: bool = False) -> dict:
+    """config.yaml as plain dicts ({} when absent), parsed safely: no Python tags, no
+    interpolation. A damaged file raises `RunDirError` (lenient: warns, returns {})."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        return {}
+    try:
+        return read_yaml_mapping(path)
+    except ValueError as exc:
+        return _damaged(path, str(exc), lenient, {})
+
+
+def read_yaml_mapping(path: str | os.PathLike) -> dict:
+    """A YAML file holding a mapping, as plain dicts; safe YAML only (a ``!!python`` tag is
+    an error, never code). Raises ValueError with one line saying what is wrong."""
+    import yaml  # omegaconf's dependency; plain YAML in, plain dicts out
+
+    try:
+        data = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("is not a text file (not UTF-8)") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"is not valid YAML: {exc.problem or exc.context}{where}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"is not valid YAML: {' '.join(str(exc).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"holds a YAML {type(data).__name__}, not a mapping of config keys")
+    return data
+
+
+def _damaged(path: Path, what: str, lenient: bool, fallback):
+    message = f"{path} {what}".splitlines()[0]
+    if not lenient:
+        raise RunDirError(message + LENIENT_HINT)
+    warnings.warn(message + "; skipped", stacklevel=3)
+    return fallback
+
+
+def _parts(run_dir: Path, table: str) -> list[tuple[int | None, int | None, Path]]:
+    """(gen, part number, file) of every visible part, in write order; gen None for
+    unpartitioned files, part number None for names the writer does not use."""
+    parts = []
+    for path in (run_dir / table).rglob("*.parquet"):
+        if path.name.startswith("."):
+            continue
+        gen_name = path.parent.name
+        gen = int(gen_name[4:]) if gen_name.startswith("gen=") and gen_name[4:].isdigit() else None
+        match = _PART.match(path.name)
+        parts.append((gen, int(match.group(1)) if match else None, path))
+    return sorted(parts, key=lambda p: (-1 if p[0] is None else p[0], p[2].name))
+
+
+def read_table(run_dir: str | os.PathLike, table: str, *, columns: list[str] | None = None,
+               lenient: bool = False, as_arrow: bool = False) -> pd.DataFrame | pa.Table:
+    """Valid rows of one table, sorted by step (stable), with the segment rule applied.
+
+    `columns` projects (``step`` is always read); a column that an older part lacks reads
+    as nulls, a table folder that an older run lacks as no rows. A damaged part (unreadable,
+    or a column of the wrong type) raises `RunDirError` naming the file; with
+    ``lenient=True`` it is skipped with a warning.
+    """
+    run_dir = Path(run_dir)
+    if table not in SCHEMAS:
+        raise RunDirError(f"unknown table {table!r}; tables are {', '.join(TABLES)}")
+    schema = SCHEMAS[table]
+    names = schema.names if columns is None else ["step"] + [c for c in columns if c != "step"]
+    missing = [c for c in names if c not in schema.names]
+    if missing:
+        raise RunDirError(f"table {table!r} has no column(s) {missing}; columns are {schema.names}")
+    target = pa.schema([schema.field(n) for n in names])
+    if not (run_dir / table).is_dir():  # a table added after the run was written
+        result = target.empty_table()
+        return result if as_arrow else _to_pandas(result)
+    try:
+        result = _read_valid_rows(run_dir, table, target, lenient)
+    except FileNotFoundError:  # a compaction finished between listing and reading: read again
+        result = _read_valid_rows(run_dir, table, target, lenient)
+    step = result["step"]
+    if result.num_rows > 1 and not pc.all(pc.greater_equal(step[1:], step[:-1])).as_py():
+        result = result.take(pc.sort_indices(step))  # stable: keeps model order within a step
+    if as_arrow:
+        return result
+    return _to_pandas(result)
+
+
+def _read_valid_rows(run_dir: Path, table: str, target: pa.Schema, lenient: bool) -> pa.Table:
+    segments = read_segments(run_dir, lenient=lenient)
+    bounds = segment_bounds(segments) if segments is not None else None
+    pieces = []
+    for gen, number, path in _parts(run_dir, table):
+        if bounds is not None:
+            if gen not in bounds:
+                continue  # unlisted generation: leftover of an interrupted compaction
+            start, end, flushes = bounds[gen]
+            if flushes is not None and (number is None or number >= flushes):
+                continue  # not committed: the writer died in the middle of this flush
+        part = _read_part(path, target, lenient)
+        if part is None:
+            continue
+        if bounds is not None and (start > 0 or np.isfinite(end)):
+            step = part["step"]
+            keep = pc.greater_equal(step, start)
+            if np.isfinite(end):
+                keep = pc.and_(keep, pc.less(step, int(end)))
+            part = part.filter(keep)
+        pieces.append(part)
+    return pa.concat_tables(pieces) if pieces else target.empty_table()
+
+
+def _read_part(path: Path, target: pa.Schema, lenient: bool) -> pa.Table | None:
+    """One part in the `target` schema; None when damaged and lenient."""
+    try:
+        with pq.ParquetFile(path) as file:
+            present = set(file.schema_arrow.names)
+            if "step" not in present:
+                raise ValueError("no step column")
+            part = file.read(columns=[n for n in target.names if n in present])
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        return _bad_part(f"corrupt Parquet part {path}: {exc}", lenient)
+    if part.schema.equals(target):
+        return part
+    arrays = []
+    for field in target:
+        if field.name not in present or pa.types.is_null(part[field.name].type):
+            arrays.append(pa.nulls(part.num_rows, field.type))
+            continue
+        column = part[field.name]
+        try:
+            converted = column.cast(field.type) if _kind(column.type) == _kind(field.type) else None
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # e.g. a value out of range
+            converted = None
+        if converted is None:
+            return _bad_part(f"Parquet part {path}: column {field.name!r} is {column.type}, "
+                             f"not {field.type}", lenient)
+        arrays.append(converted)
+    return pa.Table.from_arrays(arrays, schema=target)
+
+
+def _kind(arrow_type: pa.DataType) -> str:
+    """Types that convert without reinterpreting the data: numbers among themselves (an
+    older part's float64 loss), text and dictionary-encoded text, timestamps."""
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    for kind, test in [("number", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)),
+                       ("text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+                       ("time", pa.types.is_timestamp), ("bool", pa.types.is_boolean)]:
+        if test(arrow_type):
+            return kind
+    return str(arrow_type)
+
+
+def _bad_part(message: str, lenient: bool) -> None:
+    message = message.splitlines()[0]
+    if not lenient:
+        raise RunDirError(message + LENIENT_HINT)
+    warnings.warn(message + "; skipped", stacklevel=4)
+    return None
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    df = table.to_pandas()
+    if "layer" in df.columns:  # categories in model order = order of first appearance
+        layer = df["layer"].cat.remove_unused_categories()
+        first_seen = layer.cat.categories[pd.unique(layer.cat.codes.to_numpy())]
+        df["layer"] = layer.cat.reorder_categories(first_seen, ordered=True)
+    return df

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import stabilitylab as sl
+
 from stabilitylab.cli import main
 from stabilitylab.rundir import RunWriter, write_meta
 
@@ -124,6 +126,25 @@ def test_train_refuses_to_overwrite_a_run(tiny_run, capsys):
     assert main(["train", "--out", str(tiny_run), "optim.max_steps=1"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert sorted(p.name for p in tiny_run.rglob("*")) == before  # nothing lost
+
+
+def test_force_replaces_a_run_but_never_a_folder_that_is_not_one(tiny_run, tmp_path, capsys):
+    tiny = ["data.dataset=synthetic", "data.synthetic_size=32", "data.num_workers=0", "model.img_size=16",
+            "model.patch_size=8", "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
+            "model.head_hidden_dim=16", "model.head_out_dim=8", "optim.batch_size=16", "optim.max_steps=2",
+            "knn.enabled=false", "log.progress=false", "threads=1"]
+    (tiny_run / "report.html").write_text("an old report")
+    assert main(["train", "--out", str(tiny_run), "--force", *tiny]) == 0
+    run = sl.load_run(tiny_run)
+    assert run.steps["step"].tolist() == [0, 1]  # the 300 old steps are gone
+    assert not (tiny_run / "report.html").exists()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main(["train", "--out", str(notes), "--force", *tiny]) == 2
+    assert "is not a run directory; refusing to overwrite it" in capsys.readouterr().err
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_run, capsys):

@@ -105,6 +105,26 @@ def test_consecutive_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path):
     assert any((run_dir / "checkpoints").glob("step-*.pt"))
 
 
+def test_checkpoints_hold_only_tensors_and_plain_values_and_older_ones_still_load(tmp_path):
+    """weights_only=True loads what the trainer saves; a checkpoint written before the numpy
+    RNG state became a tensor (a numpy array inside) loads too and restores that state."""
+    from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    trainer = Trainer(config("knn.enabled=false"), tmp_path, None)
+    np.random.seed(123)
+    state = trainer.state_dict()
+    expected = np.random.rand(3)
+    save_checkpoint(state, tmp_path, 0)
+    np.random.seed(0)
+    trainer.load_state_dict(load_checkpoint(latest_checkpoint(tmp_path)))
+    np.testing.assert_array_equal(np.random.rand(3), expected)
+    state["rng"]["numpy"] = np.random.get_state()  # the older format
+    expected = np.random.rand(3)
+    save_checkpoint(state, tmp_path, 1)
+    trainer.load_state_dict(load_checkpoint(latest_checkpoint(tmp_path)))
+    np.testing.assert_array_equal(np.random.rand(3), expected)
+
+
 def test_clip_bounds_only_the_patch_projection(tmp_path):
     trainer = Trainer(config("model.patch_proj=clip", "model.patch_proj_clip=1e-4", "knn.enabled=false"),
                       tmp_path / "clip", None)
@@ -132,21 +152,53 @@ def test_frozen_projection_stays_fixed_and_shared_through_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """2N steps in one go == N steps, then --resume for N more (CPU, fp32): same rows.
-    (Killing a writer at random moments is covered in test_rundir.)"""
-    assert main(["train", "--out", str(tmp_path / "straight"), *TINY]) == 0
-    interrupted = tmp_path / "interrupted"
-    assert main(["train", "--out", str(interrupted), *TINY, "optim.max_steps=6"]) == 0
+def test_a_mid_epoch_resume_supersedes_rows_and_reproduces_the_uninterrupted_run(tmp_path):
+    """12 steps in one go == a run that logged steps 0-9 but whose newest checkpoint is of
+    step 7 (as if killed before checkpointing step 9), resumed mid-epoch (CPU, fp32): the
+    resumed process recomputes steps 8-9 and their rows, and the first process's final
+    fresh-bank kNN row of step 9, replace the first process's. Random kills: test_faults."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert main(["train", "--out", str(straight), *TINY, "checkpoint.every_steps=4"]) == 0
+    assert main(["train", "--out", str(interrupted), *TINY, "checkpoint.every_steps=4", "optim.max_steps=10"]) == 0
+    (interrupted / "checkpoints" / "step-00000009.pt").unlink()
+    assert 9 in set(sl.load_run(interrupted).knn.query("source == 'val'")["step"])
     assert main(["train", "--resume", str(interrupted), "optim.max_steps=null"]) == 0
-    straight, resumed = sl.load_run(tmp_path / "straight"), sl.load_run(interrupted)
+    straight, resumed = sl.load_run(straight), sl.load_run(interrupted)
     pd.testing.assert_frame_equal(straight.steps[SAME], resumed.steps[SAME])
     pd.testing.assert_frame_equal(straight.layers, resumed.layers)
-    assert "resumed" in set(resumed.events["kind"]) and resumed.meta["status"] == "finished"
+    pd.testing.assert_frame_equal(straight.knn, resumed.knn)
+    assert resumed.events.query("kind == 'resumed'")["step"].tolist() == [8]
+    assert resumed.meta["status"] == "finished"
     assert resumed.meta["resume_overrides"] == ["optim.max_steps=null"]
+    assert [(c["key"], c["checkpoint"], c["now"]) for c in resumed.meta["config_changes"]] == [
+        ("optim.max_steps", 10, None)]
     assert resumed.config["optim"]["max_steps"] is None  # config.yaml describes the resumed run
-    queue = lambda run: run.knn[run.knn["source"] == "queue"].reset_index(drop=True)
-    pd.testing.assert_frame_equal(queue(straight), queue(resumed))
+
+
+def test_a_checkpoint_at_step_s_finds_every_row_up_to_s_on_disk(tmp_path, monkeypatch):
+    import trainer.loop
+
+    on_disk = {}
+    save = trainer.loop.save_checkpoint
+
+    def checking_save(state, run_dir, step, keep):
+        run = sl.load_run(run_dir)
+        on_disk[step] = (run.steps["step"].tolist(), sorted(set(run.layers["step"])))
+        return save(state, run_dir, step, keep)
+
+    monkeypatch.setattr(trainer.loop, "save_checkpoint", checking_save)
+    run_tiny(tmp_path, "checkpoint.every_steps=3", "log.flush_every_steps=1000", "log.flush_every_s=1000",
+             "knn.enabled=false")
+    assert sorted(on_disk) == [2, 5, 8, 11]
+    for step, (steps, layer_steps) in on_disk.items():
+        assert steps == layer_steps == list(range(step + 1))
+
+
+@pytest.mark.parametrize("keep, kept", [(1, [11]), (3, [5, 8, 11]), (0, [2, 5, 8, 11])])
+def test_checkpoint_keep_keeps_the_newest(tmp_path, keep, kept):
+    run_tiny(tmp_path, "checkpoint.every_steps=3", f"checkpoint.keep={keep}", "knn.enabled=false")
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == [f"step-{s:08d}.pt" for s in kept]
 
 
 @pytest.mark.slow

@@ -171,7 +171,7 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 500
-    keep: int = 2
+    keep: int = 2  # newest checkpoints kept; 0 keeps all
 
 
 @dataclass
@@ -222,3 +222,16 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if m.embed_dim % m.num_heads:
         raise ValueError(f"model.embed_dim={m.embed_dim} is not a multiple of model.num_heads={m.num_heads}")
     return cfg
+
+
+def config_differences(before: dict, after: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, before, after) for every value that differs between two nested dicts."""
+    changes = []
+    for key in sorted(set(before) | set(after), key=str):
+        old, new = before.get(key), after.get(key)
+        dotted = f"{prefix}{key}"
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += config_differences(old, new, f"{dotted}.")
+        elif old != new:
+            changes.append((dotted, old, new))
+    return changes

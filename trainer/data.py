@@ -15,6 +15,7 @@ collated batches from worker processes, can log one `bad_image` event per path.
 """
 from __future__ import annotations
 
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,7 +395,13 @@ def build_loader(dataset: Dataset, sampler: Sampler | None, batch_size: int, num
                  device: str | torch.device) -> DataLoader:
     """DataLoader in `sampler` order (sequential when None), pinned memory for CUDA,
     persistent workers when num_workers > 0. Keeps a last partial batch (a ResumableSampler
-    only yields whole batches)."""
+    only yields whole batches). Workers ignore Ctrl-C: the training loop stops them."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=torch.device(device).type == "cuda",
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=_ignore_ctrl_c)
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the whole process group; the main process then finishes
+    its step and checkpoints (Trainer.fit), and may be waiting for a batch from a worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

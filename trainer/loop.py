@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -24,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from trainer import distributed as dist_utils
-from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from trainer.config import TrainConfig
+from trainer.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, save_checkpoint
+from trainer.config import TrainConfig, config_differences
 from trainer.data import ResumableSampler, build_datasets, build_loader
 from trainer.knn import KnnMonitor, knn_accuracy, knn_predict
 from trainer.model import patch_proj_parameters
@@ -80,7 +82,10 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Tensors and plain values only, so that checkpoints load with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -88,7 +93,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]  # keys: a tensor, or an array in older checkpoints
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -161,6 +167,8 @@ class Trainer:
             self.full_queries = (self._fixed_subset(self.data.val_plain, cfg.knn.full_queries)
                                  if self.is_main and cfg.knn.full_queries else None)
         self.step = 0
+        self.saved_step = -1  # the step of the newest checkpoint (-1: none)
+        self.stop_requested = False
         self.nonfinite_in_a_row = 0
         self.step_rows: list[dict] = []
         self.last_top1 = float("nan")
@@ -265,14 +273,50 @@ class Trainer:
             self.knn.load_state_dict(state["knn"])
         _set_rng_state(state["rng"])
         self.step = state["step"]
+        self.saved_step = self.step - 1
 
-    def save(self) -> None:
-        """Flush the logs first: a checkpoint at step S promises every row up to S is on disk."""
-        self._flush_logs()
+    def resume(self, checkpoint: Checkpoint, state: dict) -> None:
+        """Continue from a loaded checkpoint; one that does not fit the configured model or
+        optimizer raises `CheckpointError` naming the file and the config keys changed since."""
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [repr(exc)]
+            detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+            changed = [key for key, _, _ in config_differences(state.get("config", {}), asdict(self.cfg))]
+            since = f" (config changed since: {', '.join(changed)})" if changed else ""
+            raise CheckpointError(f"{checkpoint.path} does not fit this run's model: {detail}{since}") from None
+
+    def log_to(self, writer) -> None:
+        """Log through `writer` from now on (rank 0; the other ranks keep writing nothing)."""
         if self.is_main:
-            save_checkpoint(self.state_dict(), self.run_dir, self.step - 1, keep=self.cfg.checkpoint.keep)
-            self.writer.event(self.step - 1, "checkpoint", f"step-{self.step - 1:08d}.pt")
-            self.writer.flush(self.step - 1)
+            self.writer = writer
+
+    def _state_is_finite(self) -> bool:
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        tensors += [v for per_param in self.optimizer.state.values() for v in per_param.values()
+                    if torch.is_tensor(v) and v.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+    def save(self) -> Checkpoint | None:
+        """Checkpoint the state after step S = step - 1, flushing the logs first: a checkpoint
+        at step S promises every row up to S is on disk. Non-finite weights are never saved,
+        so the newest checkpoint is always the last finite one."""
+        self._flush_logs()
+        step = self.step - 1
+        if not self.is_main or step == self.saved_step:
+            return None  # no step since the last checkpoint (or the one resumed from)
+        if not self._state_is_finite():
+            kept = latest_checkpoint(self.run_dir)
+            self.writer.event(step, "checkpoint_skipped", "non-finite weights; newest finite checkpoint: "
+                              + (kept.path.name if kept else "none"))
+            self.writer.flush(step)
+            return None
+        checkpoint = save_checkpoint(self.state_dict(), self.run_dir, step, keep=self.cfg.checkpoint.keep)
+        self.saved_step = step
+        self.writer.event(step, "checkpoint", checkpoint.path.name)
+        self.writer.flush(step)
+        return checkpoint
 
     # ------------------------------------------------------------------ logging
 
@@ -351,6 +395,27 @@ class Trainer:
             return knn.full_every_steps
         return max(1, round(knn.full_every_epochs * self.steps_per_epoch)) if knn.full_every_epochs > 0 else 0
 
+    def _stop_at_step_boundary(self) -> dict:
+        """Make SIGINT (Ctrl-C) and SIGTERM (what schedulers send first) ask the loop to stop
+        after the current step, so that no flush or checkpoint is cut in half; a second one
+        interrupts at once. Returns the handlers to restore."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signals reach the main thread only
+
+        def request_stop(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+
+        return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _stop_now(self) -> bool:
+        """Whether any rank was asked to stop (all ranks stop at the same step)."""
+        if self.world == 1:
+            return self.stop_requested
+        flag = torch.tensor(float(self.stop_requested), device=self.device)
+        return bool(dist_utils.all_reduce_mean(flag) > 0)
+
     def fit(self) -> None:
         cfg = self.cfg
         self.writer.update_meta(device=str(self.device) if self.device.type == "cpu"
@@ -363,6 +428,7 @@ class Trainer:
         full_every = self._full_knn_every()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.log.progress and self.is_main),
                    unit="step", dynamic_ncols=True)
+        previous_handlers = self._stop_at_step_boundary()
         try:
             while self.step < self.total_steps:
                 epoch, start_batch = divmod(self.step, self.steps_per_epoch)
@@ -375,10 +441,11 @@ class Trainer:
                     self.step_rows.append(row)
                     self.step += 1
                     if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                        self.save()
+                        saved = self.save() or latest_checkpoint(self.run_dir)
                         raise UserError(f"{self.nonfinite_in_a_row} non-finite steps in a row at step "
                                         f"{self.step - 1}: the run diverged (lower optim.base_lr, or "
-                                        f"use precision=fp32/bf16); checkpoint saved")
+                                        f"use precision=fp32/bf16); newest finite checkpoint: "
+                                        f"{saved.path.name if saved else 'none'}")
                     if self.knn is not None and self.is_main and self.step % cfg.knn.every == 0:
                         self.evaluate_queue_knn()
                     if full_every and self.step % full_every == 0 and self.is_main:
@@ -390,6 +457,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", knn=f"{self.last_top1:.1%}",
                                     img_s=f"{row['images_per_sec']:.0f}", refresh=False)
                     bar.update(1)
+                    if self._stop_now():
+                        raise KeyboardInterrupt
                     if self.step >= self.total_steps:
                         break
             if full_every and self.is_main and self.step % full_every != 0:
@@ -400,16 +469,16 @@ class Trainer:
             self.save()
             raise
         finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
             bar.close()
 
 
-def train(cfg: TrainConfig, *, run_dir, writer=None, resume_from: Checkpoint | None = None) -> Trainer:
-    """Train MoCo v3 as configured, logging to `writer`; resume from a checkpoint if given."""
+def train(cfg: TrainConfig, *, run_dir, writer=None) -> Trainer:
+    """Train MoCo v3 as configured from step 0, logging to `writer`. (Resuming is
+    `Trainer.resume` + `Trainer.log_to` + `Trainer.fit`, as `stabilitylab train --resume` does.)"""
     trainer = Trainer(cfg, run_dir, writer)
     try:
-        if resume_from is not None:
-            trainer.load_state_dict(load_checkpoint(resume_from, map_location=trainer.device))
-            trainer.writer.event(trainer.step - 1, "resumed", f"from {resume_from.path.name}")
         trainer.fit()
     finally:
         dist_utils.teardown()
