@@ -24,6 +24,9 @@ from scipy import ndimage
 WINDOW = 100  # values in every causal baseline
 WARMUP = 50  # first values of a series that are never flagged: the baseline needs history
 MAD_TO_SIGMA = 1.4826
+# floor of the mad test's scale, in log units: a series flat to within float32 rounding
+# (relative resolution 6e-8) has no robust scale, and its rounding must not score as a spike
+MIN_LOG_SCALE = 1e-6
 METHODS = ("mad", "sigma", "ratio")
 SPIKE_COLUMNS = ["layer", "step", "peak_step", "end_step", "n_steps", "value", "baseline", "ratio",
                  "score"]
@@ -121,7 +124,8 @@ class SpikeRule:
             if "mad" in self.methods:
                 resid = np.log(scores["ratio"])  # log x - log of the causal median
                 scale = np.full(len(x), np.nan)
-                scale[1:] = MAD_TO_SIGMA * causal_median(np.abs(resid[1:]), self.window)
+                scale[1:] = np.maximum(MAD_TO_SIGMA * causal_median(np.abs(resid[1:]), self.window),
+                                       MIN_LOG_SCALE)
                 scores["mad"] = resid / scale
             if "sigma" in self.methods:
                 past = pd.Series(x).rolling(self.window, min_periods=2)
