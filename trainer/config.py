@@ -82,7 +82,7 @@ RANGES = {
     "knn.val_size": AT_LEAST_ONE, "knn.full_every_epochs": NON_NEGATIVE, "knn.full_every_steps": AT_LEAST_ONE,
     "knn.bank_size": AT_LEAST_ONE, "knn.full_queries": AT_LEAST_ONE,
     "log.every": NON_NEGATIVE, "log.flush_every_steps": AT_LEAST_ONE, "log.flush_every_s": POSITIVE,
-    "checkpoint.every_steps": AT_LEAST_ONE, "checkpoint.keep": AT_LEAST_ONE,
+    "checkpoint.every_steps": AT_LEAST_ONE, "checkpoint.keep": NON_NEGATIVE,  # 0 keeps all
 }
 
 
