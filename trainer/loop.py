@@ -28,8 +28,8 @@ from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import ResumableSampler, build_datasets, build_loader
 from trainer.knn import KnnMonitor, knn_accuracy, knn_predict
+from trainer.methods import build_method
 from trainer.model import patch_proj_parameters
-from trainer.moco import MoCo
 from trainer.optim import build_optimizer
 from trainer.probes import GradientProbe
 from trainer.schedules import lr_at, momentum_at
@@ -131,7 +131,7 @@ class Trainer:
         self.warmup_epochs = (cfg.optim.warmup_epochs if cfg.optim.warmup_steps is None
                               else cfg.optim.warmup_steps / self.steps_per_epoch)
 
-        self.model = MoCo(cfg.model, cfg.moco).to(self.device)
+        self.model = build_method(cfg).to(self.device)
         if self.world > 1:
             if self.device.type == "cuda":
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -401,7 +401,8 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, run_dir, writer=None, resume_from: Checkpoint | None = None) -> Trainer:
-    """Train MoCo v3 as configured, logging to `writer`; resume from a checkpoint if given."""
+    """Train the configured method (MoCo v3 by default), logging to `writer`; resume from a
+    checkpoint if given."""
     trainer = Trainer(cfg, run_dir, writer)
     try:
         if resume_from is not None:
