@@ -1,4 +1,4 @@
-"""`stabilitylab` command line: train | report | analyze | compare | sweep.
+"""`stabilitylab` command line: train | report | analyze | compare | sweep | linprobe.
 
 User errors print one line to stderr and exit 2 (set STABILITYLAB_DEBUG=1 for a traceback).
 `report`, `analyze` and `compare` never import torch.
@@ -68,9 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true", help="CSV instead of a text table")
     fmt.add_argument("--json", action="store_true", help="JSON records instead of a text table")
 
+    from stabilitylab.linprobe import add_linprobe_parser
     from stabilitylab.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
+    add_linprobe_parser(sub)
     return parser
 
 
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     handlers = {"train": cmd_train, "report": cmd_report, "analyze": cmd_analyze,
-                "compare": cmd_compare, "sweep": _cmd_sweep}
+                "compare": cmd_compare, "sweep": _cmd_sweep, "linprobe": _cmd_linprobe}
     try:
         return handlers[args.command](args) or 0
     except Exception as exc:
@@ -259,3 +261,9 @@ def _cmd_sweep(args) -> int:
     from stabilitylab.sweep import cmd_sweep
 
     return cmd_sweep(args)
+
+
+def _cmd_linprobe(args) -> int:
+    from stabilitylab.linprobe import cmd_linprobe
+
+    return cmd_linprobe(args)

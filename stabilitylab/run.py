@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stabilitylab.rundir import CONFIG_FILE, META_FILE, SCHEMAS, TABLES, read_segments, segment_cutoffs
+from stabilitylab.rundir import (ADDED_TABLES, CONFIG_FILE, META_FILE, SCHEMAS, TABLES, read_segments,
+                                 segment_cutoffs)
 
 
 class RunDirError(ValueError):
@@ -53,13 +54,16 @@ def read_table(run_dir: str | os.PathLike, table: str, *, columns: list[str] | N
     run_dir = Path(run_dir)
     if table not in SCHEMAS:
         raise RunDirError(f"unknown table {table!r}; tables are {', '.join(TABLES)}")
-    if not (run_dir / table).is_dir():
-        raise RunDirError(f"{run_dir} has no {table}/ table folder: not a complete run directory")
     schema = SCHEMAS[table]
     names = schema.names if columns is None else ["step"] + [c for c in columns if c != "step"]
     missing = [c for c in names if c not in schema.names]
     if missing:
         raise RunDirError(f"table {table!r} has no column(s) {missing}; columns are {schema.names}")
+    if not (run_dir / table).is_dir():
+        if table not in ADDED_TABLES:
+            raise RunDirError(f"{run_dir} has no {table}/ table folder: not a complete run directory")
+        empty = pa.schema([schema.field(n) for n in names]).empty_table()
+        return empty if as_arrow else _to_pandas(empty)
     segments = read_segments(run_dir)
     cutoffs = segment_cutoffs(segments) if segments is not None else None
     pieces = []
@@ -152,6 +156,11 @@ class Run:
     @cached_property
     def events(self) -> pd.DataFrame:
         return self.table("events")
+
+    @cached_property
+    def linear(self) -> pd.DataFrame:
+        """Linear-probe results (`stabilitylab linprobe`); empty for a run never probed."""
+        return self.table("linear")
 
     def config_value(self, dotted: str, default=None):
         """A config value by dotted key, e.g. ``run.config_value("model.patch_proj")``."""

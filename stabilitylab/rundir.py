@@ -60,8 +60,23 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("detail", pa.string()),
         ("time", TIMESTAMP),
     ]),
+    "linear": pa.schema([  # written by `stabilitylab linprobe`, one row per probe
+        ("step", pa.int64()),  # the probed checkpoint's step
+        ("protocol", pa.string()),
+        ("epoch", pa.float64()),
+        ("top1", pa.float64()),
+        ("top5", pa.float64()),
+        ("train_loss", pa.float64()),
+        ("n_train", pa.int64()),
+        ("n_val", pa.int64()),
+        ("settings", pa.string()),
+        ("time", TIMESTAMP),
+    ]),
 }
 TABLES = tuple(SCHEMAS)
+# tables newer than the format itself: a run written before one existed has no folder for
+# it, which reads as an empty table
+ADDED_TABLES = ("linear",)
 SEGMENTS_FILE = "segments.json"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
