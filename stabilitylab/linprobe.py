@@ -25,11 +25,10 @@ def add_linprobe_parser(sub) -> None:
     p = sub.add_parser(
         "linprobe", help="linear-probe a run's checkpoints (the paper's accuracy yardstick)",
         description="Train a linear classifier on the frozen backbone of a run's checkpoint and "
-                    "write its held-out top-1 / top-5 to the run's `linear` table (shown by "
-                    "compare, analyze and report). Protocols: official (main_lincls.py: 90 "
-                    "epochs of SGD on augmented images; the default on a GPU) and fast "
-                    "(features once, L-BFGS; the default on a CPU: minutes for the sample). "
-                    "See docs/linear_probe.md.",
+                    "write its held-out top-1 / top-5 to the run's `linear` table. Protocols: "
+                    "official (main_lincls.py: 90 epochs of SGD on augmented images; the default "
+                    "on a GPU) and fast (features once, L-BFGS; the default on a CPU: about a "
+                    "minute for the CIFAR sample). See docs/linear_probe.md.",
         epilog="examples:\n  stabilitylab linprobe runs/frozen\n"
                "  stabilitylab linprobe runs/frozen --every-checkpoint\n"
                "  stabilitylab linprobe runs/vit_small --protocol official device=cuda data.num_workers=16\n"
@@ -79,7 +78,8 @@ def _checkpoints(run_dir: Path, args):
     found = list_checkpoints(run_dir)
     if not found:
         raise LinearProbeError(f"no checkpoint in {run_dir / 'checkpoints'}: linprobe probes a checkpoint's "
-                          f"backbone (train with checkpoint.every_steps=N; checkpoint.keep=0 keeps them all)")
+                               f"backbone (training saves one every checkpoint.every_steps steps and at "
+                               f"the end; checkpoint.keep=0 keeps them all)")
     if args.step is not None:
         chosen = [c for c in found if c.step == args.step]
         if not chosen:
