@@ -13,6 +13,7 @@ from stabilitylab.config import ConfigError, load_config
 from stabilitylab.rundir import RunWriter, write_meta
 from trainer import train
 from trainer.byol import regression_loss
+from trainer.linprobe import ProbeConfig, load_backbone, probe
 from trainer.methods import build_method
 from trainer.moco import MoCo
 from trainer.probes import layer_groups
@@ -169,6 +170,10 @@ def test_each_method_trains_and_logs_like_moco(tmp_path, name):
     state = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=False)
     assert state["config"]["method"] == name
     assert any(k.startswith("momentum_backbone.") for k in state["model"]) == (name == "byol")
+    # its checkpoint is linear-probed like MoCo v3's: the base encoder is `backbone.*`
+    row = probe(load_backbone(cfg.model, state), trainer.data, ProbeConfig(protocol="fast"),
+                device=torch.device("cpu"))
+    assert row["n_train"] == 64 and 0 <= row["top1"] <= 1
 
 
 @pytest.mark.slow

@@ -93,9 +93,12 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _loader(dataset, batch_size, num_workers, device, shuffle=False, seed=0, drop_last=False):
+    """In order, or shuffled anew each epoch by a seeded generator (which also seeds the
+    workers' augmentations), so a probe is reproducible."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=drop_last)
+                      num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=drop_last,
+                      persistent_workers=shuffle and num_workers > 0)
 
 
 @torch.no_grad()
@@ -161,7 +164,8 @@ def probe_fast(backbone, data: Datasets, cfg: ProbeConfig, *, device, precision=
 
 def probe_official(backbone, data: Datasets, cfg: ProbeConfig, *, device, precision="fp32",
                    num_workers=0, progress=False) -> dict:
-    """Official protocol: SGD on augmented images through the frozen backbone, every epoch."""
+    """Official protocol: SGD on augmented images through the frozen backbone, evaluated on the
+    held-out split after the last epoch."""
     base = data.train_plain
     img_size = backbone.patch_embed.img_size[0]
     train_set = PlainDataset(base.base, linear_probe_transform(img_size), base.skip_bad_images)
@@ -174,12 +178,11 @@ def probe_official(backbone, data: Datasets, cfg: ProbeConfig, *, device, precis
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)  # per epoch
+    loader = _loader(train_set, batch, num_workers, device, shuffle=True, seed=cfg.seed, drop_last=True)
     bar = tqdm(range(cfg.epochs), desc="linear epochs", disable=not progress, unit="epoch")
-    for epoch in bar:
+    for _ in bar:
         head.train()
-        total, seen = 0.0, 0
-        loader = _loader(train_set, batch, num_workers, device, shuffle=True, seed=cfg.seed + epoch,
-                         drop_last=True)
+        total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for x, y in loader:
             with torch.no_grad(), _autocast(device, precision):
                 features = backbone(x.to(device, non_blocking=True)).float()
@@ -188,16 +191,16 @@ def probe_official(backbone, data: Datasets, cfg: ProbeConfig, *, device, precis
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, seen = total + loss.item() * len(y), seen + len(y)
+            total, seen = total + loss.detach() * len(y), seen + len(y)
         schedule.step()
-        bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
+        bar.set_postfix(loss=f"{total.item() / seen:.3f}", refresh=False)
     head.eval()
     val_x, val_y = extract_features(backbone, data.val_plain, device=device, precision=precision,
                                     num_workers=num_workers, progress=progress, desc="val features")
     with torch.no_grad():
         top1, top5 = topk_accuracy(head(val_x), val_y)
     return dict(protocol="official", epoch=float(cfg.epochs), top1=top1, top5=top5,
-                train_loss=total / seen, n_train=len(train_set), n_val=len(val_y),
+                train_loss=total.item() / seen, n_train=len(train_set), n_val=len(val_y),
                 settings=cfg.settings())
 
 
