@@ -1,4 +1,4 @@
-"""`stabilitylab` command line: train | report | analyze | compare | sweep | import.
+"""`stabilitylab` command line: train | report | analyze | compare | sweep | import | linprobe.
 
 User errors print one line to stderr and exit 2 (set STABILITYLAB_DEBUG=1 for a traceback).
 `report`, `analyze` and `compare` never import torch.
@@ -112,12 +112,14 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true", help="CSV instead of a text table")
     fmt.add_argument("--json", action="store_true", help="JSON records instead of a text table")
 
+    from stabilitylab.linprobe import add_linprobe_parser
     from stabilitylab.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
     from stabilitylab.importers import add_import_parser
 
     add_import_parser(sub)
+    add_linprobe_parser(sub)
     for command_parser in sub.choices.values():  # so that a bad flag shows its own usage
         command_parser.set_defaults(command_parser=command_parser)
     return parser
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     handlers = {"train": cmd_train, "report": cmd_report, "analyze": cmd_analyze,
-                "compare": cmd_compare, "sweep": _cmd_sweep, "import": _cmd_import}
+                "compare": cmd_compare, "sweep": _cmd_sweep, "import": _cmd_import,
+                "linprobe": _cmd_linprobe}
     try:
         with warnings.catch_warnings():
             warnings.showwarning = lambda message, *_, **__: print(
@@ -472,3 +475,9 @@ def _cmd_import(args) -> int:
     from stabilitylab.importers import cmd_import
 
     return cmd_import(args)
+
+
+def _cmd_linprobe(args) -> int:
+    from stabilitylab.linprobe import cmd_linprobe
+
+    return cmd_linprobe(args)

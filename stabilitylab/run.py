@@ -66,6 +66,11 @@ class Run:
     def events(self) -> pd.DataFrame:
         return self.table("events")
 
+    @cached_property
+    def linear(self) -> pd.DataFrame:
+        """Linear-probe results (`stabilitylab linprobe`); empty for a run never probed."""
+        return self.table("linear")
+
     def config_value(self, dotted: str, default=None):
         """A config value by dotted key, e.g. ``run.config_value("model.patch_proj")``."""
         node = self.config

@@ -71,6 +71,18 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("detail", pa.string()),
         ("time", TIMESTAMP),
     ]),
+    "linear": pa.schema([  # written by `stabilitylab linprobe`, one row per probe
+        ("step", pa.int64()),  # the probed checkpoint's step
+        ("protocol", pa.string()),
+        ("epoch", pa.float64()),
+        ("top1", pa.float64()),
+        ("top5", pa.float64()),
+        ("train_loss", pa.float64()),
+        ("n_train", pa.int64()),
+        ("n_val", pa.int64()),
+        ("settings", pa.string()),
+        ("time", TIMESTAMP),
+    ]),
 }
 TABLES = tuple(SCHEMAS)
 SEGMENTS_FILE = "segments.json"
@@ -269,7 +281,8 @@ def read_segments(run_dir: str | os.PathLike, *, lenient: bool = False) -> list[
         segments = json.loads(path.read_bytes())
         valid = isinstance(segments, list) and all(
             isinstance(s, dict) and _is_count(s.get("gen")) and _is_count(s.get("start_step"))
-            and _is_count(s.get("flushes", 0)) for s in segments)
+            and _is_count(s.get("flushes", 0)) and isinstance(s.get("append", False), bool)
+            for s in segments)
         if not valid:
             raise ValueError("expected a list of {\"gen\": G, \"start_step\": S} entries")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -289,12 +302,15 @@ def segment_bounds(segments: list[dict]) -> dict[int, tuple[int, float, int | No
     """gen -> (start_step, exclusive end step, committed flushes or None): the segment rule.
 
     A row of generation g is valid iff start_step(g) <= step < start_step of every later
-    generation, and it lies in one of g's first `flushes` part files (all when unrecorded).
+    generation that is not an append-only one, and it lies in one of g's first `flushes`
+    part files (all when unrecorded). An append-only generation ("append": true, start_step
+    0: rows added to a run after the fact, such as linear probes) supersedes nothing.
     """
     bounds, later_min = {}, float("inf")
     for seg in sorted(segments, key=lambda s: s["gen"], reverse=True):
         bounds[seg["gen"]] = (seg["start_step"], later_min, seg.get("flushes"))
-        later_min = min(later_min, seg["start_step"])
+        if not seg.get("append", False):
+            later_min = min(later_min, seg["start_step"])
     return bounds
 
 
@@ -350,12 +366,14 @@ class RunWriter:
     moment leaves whole flushes only, never a `steps` part without its `layers` part.
     ``resume_step`` (the step of the checkpoint being resumed; -1 starts over from step 0)
     opens a new generation starting at ``resume_step + 1``: rows of older generations from
-    that step on are superseded for every reader.
+    that step on are superseded for every reader. ``append=True`` opens an append-only
+    generation in a run that has logs: its rows (at any step) supersede none (linear probes
+    of a run's checkpoints, written after the fact).
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, flush_every_steps: int = 500,
                  flush_every_s: float = 60.0, resume_step: int | None = None,
-                 lock: RunLock | None = None):
+                 append: bool = False, lock: RunLock | None = None):
         self.run_dir = Path(run_dir)
         self.flush_every_steps = flush_every_steps
         self.flush_every_s = flush_every_s
@@ -363,13 +381,16 @@ class RunWriter:
         self._closed = False
         try:
             segments = read_segments(self.run_dir) or []
-            if resume_step is None and segments:
+            if resume_step is None and segments and not append:
                 raise FileExistsError(f"{self.run_dir} already holds logs; resume it or pick a new directory")
+            if append and resume_step is not None:
+                raise ValueError("an append-only writer has no resume_step")
             self.gen = next_gen(self.run_dir)
             self.start_step = 0 if resume_step is None else resume_step + 1
             _remove_unlisted(self.run_dir, segments)
             remove_temporaries(self.run_dir)
-            self._segments = segments + [{"gen": self.gen, "start_step": self.start_step, "flushes": 0}]
+            self._segments = segments + [{"gen": self.gen, "start_step": self.start_step, "flushes": 0,
+                                          **({"append": True} if append else {})}]
             try:
                 for table in TABLES:
                     (self.run_dir / table / f"gen={self.gen}").mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,25 @@ def test_resume_supersedes_rows_after_the_checkpoint(tmp_path):
     assert sl.load_run(tmp_path).steps["loss"].tolist() == run.steps["loss"].tolist()
 
 
+def test_an_append_only_generation_supersedes_nothing(tmp_path):
+    writer = new_run(tmp_path)
+    write_steps(writer, range(50), loss=1.0)
+    writer.close(compact=False)
+    probe = RunWriter(tmp_path, append=True)  # e.g. a linear probe of the checkpoints at 19 and 39
+    probe.event(19, "linprobe", "a")
+    probe.event(39, "linprobe", "b")
+    probe.close(compact=False)
+    run = sl.load_run(tmp_path)
+    assert run.steps["step"].tolist() == list(range(50)) and run.events["step"].tolist() == [19, 39]
+    resumed = RunWriter(tmp_path, resume_step=29)  # a later resume supersedes what came after 29
+    write_steps(resumed, range(30, 35), loss=2.0)
+    resumed.close(compact=False)
+    run = sl.load_run(tmp_path)
+    assert run.steps["step"].tolist() == list(range(35)) and run.events["step"].tolist() == [19]
+    with pytest.raises(ValueError):
+        RunWriter(tmp_path, append=True, resume_step=3)
+
+
 def test_rows_after_a_compaction_go_to_the_compacted_generation(tmp_path):
     writer = new_run(tmp_path)
     write_steps(writer, range(3), 1.0)

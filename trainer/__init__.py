@@ -2,7 +2,8 @@
 
 `train(cfg, run_dir=..., writer=...)` runs the loop; the caller supplies the config
 (`trainer.config.TrainConfig`) and the run writer. Paper concepts, one module each:
-model (backbone + patch-projection variants), heads, moco (loss, momentum update),
+model (backbone + patch-projection variants), heads, moco (loss, momentum update), simclr and
+byol (the other methods, picked by `methods.build_method`), linprobe (linear probing),
 probes (per-layer gradient statistics), knn (dense kNN monitor), schedules, optim, data.
 
 Exports load lazily so that `trainer.config` (plain dataclasses) can be read without torch.
@@ -16,6 +17,8 @@ _EXPORTS = {
     "train": "trainer.loop",
     "MoCo": "trainer.moco",
     "contrastive_loss": "trainer.moco",
+    "SimCLR": "trainer.simclr",
+    "build_method": "trainer.methods",
 }
 __all__ = list(_EXPORTS)
 

@@ -26,10 +26,12 @@ MODEL_PRESETS = {
 
 
 # allowed values of the string options, checked by resolve()
+METHODS = ("mocov3", "simclr", "byol")
 POS_EMBEDS = ("sincos", "learned", "none")
 POOLS = ("token", "avg", "avg_nonorm")
 PATCH_PROJS = ("learned", "frozen", "batchnorm", "weightnorm", "clip")
 CHOICES = {
+    "method": METHODS,
     "model.pos_embed": POS_EMBEDS,
     "model.pool": POOLS,
     "model.patch_proj": PATCH_PROJS,
@@ -107,9 +109,12 @@ class ModelConfig:
 
 @dataclass
 class MocoConfig:
-    m: float = 0.99  # momentum of the key encoder
+    """The Siamese methods' own hyper-parameters (docs/methods.md), shared where they mean the
+    same thing: m / m_cos drive the momentum encoder of mocov3 and byol (logged in
+    steps.momentum), temperature the softmax of mocov3's InfoNCE and simclr's NT-Xent."""
+    m: float = 0.99  # momentum of the key (mocov3) / target (byol) encoder
     m_cos: bool = True  # cosine schedule of m from `m` to 1 over training, per iteration
-    temperature: float = 0.2
+    temperature: float = 0.2  # mocov3 and simclr
 
 
 @dataclass
@@ -176,6 +181,7 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
+    method: str = "mocov3"  # mocov3 | simclr | byol (trainer/methods.py)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16

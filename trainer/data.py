@@ -96,6 +96,13 @@ def eval_transform(img_size: int) -> v2.Compose:
                        *_to_normalized_tensor()])
 
 
+def linear_probe_transform(img_size: int) -> v2.Compose:
+    """Training images of the official linear probe (main_lincls.py): RandomResizedCrop with
+    torchvision's default scale (0.08, 1) and a horizontal flip; nothing else."""
+    return v2.Compose([v2.RandomResizedCrop(img_size, antialias=True), v2.RandomHorizontalFlip(),
+                       *_to_normalized_tensor()])
+
+
 def plain_transform(img_size: int) -> v2.Compose:
     """Deterministic Resize(img_size) + CenterCrop: both training views with augment=none."""
     return v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),

@@ -38,6 +38,17 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(gathered, dim=0)
 
 
+def concat_all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor from all ranks along dim 0, rank order, differentiably: each rank's
+    gradient reaches the rank that computed the piece (torch.distributed.nn all_gather), so a
+    loss over the gathered batch trains like the single-process loss (SimCLR's negatives)."""
+    if get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     if get_world_size() == 1:
         return tensor

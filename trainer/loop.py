@@ -30,8 +30,8 @@ from trainer.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, s
 from trainer.config import TrainConfig, config_differences
 from trainer.data import ResumableSampler, build_datasets, build_loader
 from trainer.knn import KnnMonitor, knn_accuracy, knn_predict
+from trainer.methods import build_method
 from trainer.model import patch_proj_parameters
-from trainer.moco import MoCo
 from trainer.optim import build_optimizer
 from trainer.probes import GradientProbe
 from trainer.schedules import lr_at, momentum_at
@@ -137,7 +137,7 @@ class Trainer:
         self.warmup_epochs = (cfg.optim.warmup_epochs if cfg.optim.warmup_steps is None
                               else cfg.optim.warmup_steps / self.steps_per_epoch)
 
-        self.model = MoCo(cfg.model, cfg.moco).to(self.device)
+        self.model = build_method(cfg).to(self.device)
         if self.world > 1:
             if self.device.type == "cuda":
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -475,8 +475,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, run_dir, writer=None) -> Trainer:
-    """Train MoCo v3 as configured from step 0, logging to `writer`. (Resuming is
-    `Trainer.resume` + `Trainer.log_to` + `Trainer.fit`, as `stabilitylab train --resume` does.)"""
+    """Train the configured method (MoCo v3 by default) from step 0, logging to `writer`.
+    (Resuming is `Trainer.resume` + `Trainer.log_to` + `Trainer.fit`, as
+    `stabilitylab train --resume` does.)"""
     trainer = Trainer(cfg, run_dir, writer)
     try:
         trainer.fit()

@@ -1,5 +1,8 @@
 """MoCo v3 (Chen, Xie & He 2021): base encoder + projector + predictor, momentum encoder,
 symmetrised InfoNCE loss. Mirrors the official moco-v3 `MoCo` / `MoCo_ViT` forward.
+
+BYOL has the same architecture with another loss, so it is this module with
+`loss=trainer.byol.regression_loss` (see trainer/methods.py).
 """
 import copy
 
@@ -26,11 +29,16 @@ def contrastive_loss(q, k, temperature, rank=0):
 
 
 class MoCo(nn.Module):
-    """q = predictor(projector(backbone(x))); k = momentum_projector(momentum_backbone(x))."""
+    """q = predictor(projector(backbone(x))); k = momentum_projector(momentum_backbone(x)).
 
-    def __init__(self, model_cfg, moco_cfg):
+    loss(q, k) -> scalar scores one (query, key) direction; None is MoCo v3's InfoNCE
+    against the keys of all ranks.
+    """
+
+    def __init__(self, model_cfg, moco_cfg, loss=None):
         super().__init__()
         self.temperature = moco_cfg.temperature
+        self.loss = loss
         self.backbone = build_backbone(model_cfg)
         self.feature_dim = self.backbone.num_features
         self.projector = build_projector(model_cfg, self.feature_dim)
@@ -57,6 +65,8 @@ class MoCo(nn.Module):
         torch._foreach_add_(mom, base, alpha=1 - m)
 
     def _loss(self, q, k):
+        if self.loss is not None:
+            return self.loss(q, k)
         return contrastive_loss(q, concat_all_gather(k), self.temperature, get_rank())
 
     def forward(self, x1, x2, m):
