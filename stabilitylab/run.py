@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stabilitylab.rundir import CONFIG_FILE, META_FILE, SCHEMAS, TABLES, read_segments, segment_cutoffs
+from stabilitylab.rundir import (ADDED_TABLES, CONFIG_FILE, META_FILE, SCHEMAS, TABLES, read_segments,
+                                 segment_cutoffs)
 
 
 class RunDirError(ValueError):
@@ -53,13 +54,16 @@ def read_table(run_dir: str | os.PathLike, table: str, *, columns: list[str] | N
     run_dir = Path(run_dir)
     if table not in SCHEMAS:
         raise RunDirError(f"unknown table {table!r}; tables are {', '.join(TABLES)}")
-    if not (run_dir / table).is_dir():
-        raise RunDirError(f"{run_dir} has no {table}/ table folder: not a complete run directory")
     schema = SCHEMAS[table]
     names = schema.names if columns is None else ["step"] + [c for c in columns if c != "step"]
     missing = [c for c in names if c not in schema.names]
     if missing:
         raise RunDirError(f"table {table!r} has no column(s) {missing}; columns are {schema.names}")
+    if not (run_dir / table).is_dir():
+        if table not in ADDED_TABLES:
+            raise RunDirError(f"{run_dir} has no {table}/ table folder: not a complete run directory")
+        empty = pa.schema([schema.field(n) for n in names]).empty_table()  # a run from before the table
+        return empty if as_arrow else _to_pandas(empty)
     segments = read_segments(run_dir)
     cutoffs = segment_cutoffs(segments) if segments is not None else None
     pieces = []
@@ -67,7 +71,7 @@ def read_table(run_dir: str | os.PathLike, table: str, *, columns: list[str] | N
         if cutoffs is not None and gen not in cutoffs:
             continue  # unlisted generation: leftover of an interrupted compaction
         try:
-            part = pq.read_table(path, columns=names)
+            part = _read_part(path, names, schema)
         except Exception as exc:  # pyarrow raises several types for damaged files
             message = f"corrupt Parquet part {path}: {exc}".splitlines()[0]
             if not lenient:
@@ -87,9 +91,20 @@ def read_table(run_dir: str | os.PathLike, table: str, *, columns: list[str] | N
     return _to_pandas(result)
 
 
+def _read_part(path: Path, names: list[str], schema: pa.Schema) -> pa.Table:
+    """Columns `names` of one part; a column the part predates comes back as nulls."""
+    part_file = pq.ParquetFile(path)
+    present = set(part_file.schema_arrow.names)
+    part = part_file.read(columns=[n for n in names if n in present])
+    for name in names:
+        if name not in present:
+            part = part.append_column(schema.field(name), pa.nulls(part.num_rows, schema.field(name).type))
+    return part.select(names)
+
+
 def _to_pandas(table: pa.Table) -> pd.DataFrame:
     df = table.to_pandas()
-    if "layer" in df.columns:  # categories in model order = order of first appearance
+    if isinstance(df.dtypes.get("layer"), pd.CategoricalDtype):  # model order = order of first appearance
         layer = df["layer"].cat.remove_unused_categories()
         first_seen = layer.cat.categories[pd.unique(layer.cat.codes.to_numpy())]
         df["layer"] = layer.cat.reorder_categories(first_seen, ordered=True)

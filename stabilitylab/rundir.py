@@ -43,6 +43,12 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("grad_max_abs", pa.float32()),
         ("param_l2", pa.float32()),
         ("update_l2", pa.float32()),
+        # optimizer state (trainer/probes_optim.py), null where the optimizer keeps none
+        ("adam_freshness", pa.float32()),
+        ("adam_small_v_frac", pa.float32()),
+        ("update_rms_over_lr", pa.float32()),
+        ("update_cos_neg_grad", pa.float32()),
+        ("lars_trust_ratio", pa.float32()),
     ]),
     "knn": pa.schema([
         ("step", pa.int64()),
@@ -53,14 +59,26 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("top5", pa.float64()),
         ("bank_size", pa.int64()),
         ("n_queries", pa.int64()),
+        ("effective_rank", pa.float64()),
+        ("feature_std", pa.float64()),
     ]),
     "events": pa.schema([
         ("step", pa.int64()),
         ("kind", pa.string()),
         ("detail", pa.string()),
         ("time", TIMESTAMP),
+        ("layer", pa.string()),  # spike events: the layer and its ratio over the running median
+        ("ratio", pa.float64()),
+    ]),
+    "attention": pa.schema([
+        ("step", pa.int64()),
+        ("layer", LAYER_TYPE),
+        ("entropy_mean", pa.float32()),
+        ("entropy_min", pa.float32()),
+        ("max_logit", pa.float32()),
     ]),
 }
+ADDED_TABLES = ("attention",)  # tables newer than the first runs: a run without the folder has no rows
 TABLES = tuple(SCHEMAS)
 SEGMENTS_FILE = "segments.json"
 META_FILE = "meta.json"

@@ -94,3 +94,94 @@ def test_a_resumed_detector_continues_where_it_stopped(grad_norms):
         StreamingSpikeDetector(wide.columns, SpikeRule.parse("ratio:5")).load_state_dict(state)
     with pytest.raises(ValueError, match="one per layer"):
         resumed.update(0, [1.0])
+
+
+# ---------------------------------------------------------------- the trainer's online detector
+
+def online_trainer(tmp_path, *overrides, name="run"):
+    from stabilitylab.rundir import RunWriter, write_meta
+    from test_train import config
+    from trainer import Trainer
+
+    run_dir = tmp_path / name
+    write_meta(run_dir, {"status": "running"})
+    writer = RunWriter(run_dir)
+    return Trainer(config(*overrides), run_dir, writer), writer
+
+
+def test_trainer_flags_a_spike_online_like_offline_and_skips_that_update(tmp_path, capsys):
+    rule = "mad:6+ratio:3|ratio:10,warmup=4"
+    trainer, writer = online_trainer(tmp_path, "optim.max_steps=10", "knn.enabled=false", "on_spike=skip",
+                                     f"log.spike_rule={rule}", "log.progress=true")
+    forward = trainer.forward
+
+    def hot(x1, x2, m):  # step 7's loss x100: every gradient 100x its usual size
+        loss, feats = forward(x1, x2, m)
+        return (loss * 100 if trainer.step == 7 else loss), feats
+
+    trainer.forward = hot
+    trainer.fit()
+    writer.close()
+    run = sl.load_run(tmp_path / "run")
+    spikes = run.events[run.events["kind"] == "spike"]
+    offline = find_spikes(run.grad_norms(), rule)
+    assert set(spikes["step"]) == {7} and len(spikes) == len(run.grad_norms().columns)
+    assert sorted(zip(spikes["layer"], spikes["step"])) == sorted(zip(offline["layer"].astype(str), offline["step"]))
+    ratio = running_ratio(run.grad_norms())
+    assert spikes["ratio"].tolist() == [ratio.at[7, layer] for layer in spikes["layer"]]
+    assert (spikes["ratio"] > 30).all()
+    assert run.steps["skipped"].tolist() == [s == 7 for s in range(10)]
+    assert (run.layers.loc[run.layers["step"] == 7, "update_l2"] == 0).all()
+    assert (run.layers.loc[run.layers["step"] == 8, "update_l2"] > 0).all()
+    skipped = run.events[run.events["kind"] == "skipped_step"]
+    assert skipped["step"].tolist() == [7] and "on_spike=skip" in skipped["detail"].iloc[0]
+    assert run.meta["spike_skips"] == 1
+    assert "spike at step 7: patch_embed" in capsys.readouterr().out
+
+
+def test_too_many_skipped_updates_in_a_row_stop_the_run(tmp_path):
+    from trainer import UserError
+
+    trainer, _ = online_trainer(tmp_path, "optim.max_steps=10", "knn.enabled=false", "on_spike=skip",
+                                "log.spike_rule=ratio:0,warmup=3", "max_spike_skips=3")
+    with pytest.raises(UserError, match="3 spiking updates skipped in a row at step 5"):
+        trainer.fit()
+    assert trainer.step == 6 and trainer.spike_skips == 3
+
+
+def test_on_spike_checkpoint_is_the_state_before_the_spiking_update(tmp_path):
+    """The pre-spike checkpoint equals the regular one a save() after the previous step wrote."""
+    import torch
+
+    from trainer.checkpoint import list_checkpoints, load_checkpoint
+
+    trainer, writer = online_trainer(tmp_path, "optim.max_steps=7", "on_spike=checkpoint",
+                                     "log.spike_rule=ratio:0,warmup=5", "checkpoint.every_steps=5")
+    trainer.fit()  # every value from the 6th on is flagged: one episode, starting at step 5
+    writer.close()
+    run_dir = tmp_path / "run"
+    [spike] = list_checkpoints(run_dir / "spikes")
+    regular = {c.step: c for c in list_checkpoints(run_dir)}[4]
+    assert spike.step == 4 and spike.path.name == regular.path.name
+    before, reference = load_checkpoint(spike), load_checkpoint(regular)
+    assert before["step"] == reference["step"] == 5
+
+    def same(a, b, where):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), where
+        elif isinstance(a, dict):
+            assert a.keys() == b.keys(), where
+            for key in a:
+                same(a[key], b[key], f"{where}.{key}")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, f"{where}[{i}]")
+        elif isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b, err_msg=where)
+        else:
+            assert a == b, where
+
+    same(before, reference, "checkpoint")
+    events = sl.load_run(run_dir).events
+    assert events.loc[events["kind"] == "spike_checkpoint", "step"].tolist() == [4]

@@ -167,6 +167,12 @@ class GradientProbe:
         self._steps.append(int(step))
         return row[:, 0].square().sum().sqrt()
 
+    def last_grad_l2(self) -> torch.Tensor:
+        """grad_l2 per group of the last recorded row (device tensor), for an online detector."""
+        if not self._steps:
+            raise RuntimeError("last_grad_l2() without a preceding record(step)")
+        return self._buffer[len(self._steps) - 1, :, 0]
+
     @torch.no_grad()
     def total_grad_norm(self) -> torch.Tensor:
         """Total L2 norm of all trained gradients (device scalar) on a step that is not logged."""
