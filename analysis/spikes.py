@@ -359,6 +359,16 @@ class StreamingSpikeDetector:
                 "open": [None if e is None else dict(e) for e in self._open],
                 "closed": [dict(e) for e in self._closed]}
 
+    def select(self, layers) -> "StreamingSpikeDetector":
+        """A detector over some of the layers that continues with their state and events
+        (a replay that freezes a layer's parameters stops logging it)."""
+        keep = [self.layers.index(str(layer)) for layer in layers]
+        out = StreamingSpikeDetector([self.layers[i] for i in keep], self.rule)
+        out._values, out._resid, out._count = self._values[keep], self._resid[keep], self._count[keep]
+        out._open = [None if self._open[i] is None else dict(self._open[i]) for i in keep]
+        out._closed = [dict(e) for e in self._closed if e["layer"] in out.layers]
+        return out
+
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()`; refuses a state of other layers or another rule."""
         if list(state["layers"]) != self.layers or SpikeRule.parse(state["rule"]) != self.rule:

@@ -1,4 +1,4 @@
-"""`stabilitylab` command line: train | report | analyze | compare | sweep.
+"""`stabilitylab` command line: train | report | analyze | compare | sweep | replay.
 
 User errors print one line to stderr and exit 2 (set STABILITYLAB_DEBUG=1 for a traceback).
 `report`, `analyze` and `compare` never import torch.
@@ -68,6 +68,25 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true", help="CSV instead of a text table")
     fmt.add_argument("--json", action="store_true", help="JSON records instead of a text table")
 
+    replay = sub.add_parser(
+        "replay", help="rerun the steps around a spike from a checkpoint, unchanged and with mitigations",
+        description="Restore the newest checkpoint from which step STEP can be rerun (checkpoints/, or "
+                    "spikes/checkpoints/ with on_spike=checkpoint) and train to step STEP+N-1 on the same "
+                    "batches and augmentations: once unchanged (bit for bit the original on the CPU) and "
+                    "once per --with KEY=VALUE, each into a child run directory RUN_DIR/replays/NAME/. "
+                    "Only keys that can change mid-run are accepted; model.patch_proj=frozen freezes the "
+                    "projection's current weights.",
+        epilog="examples:\n  stabilitylab replay runs/a --at 1200 --steps 200 --with model.patch_proj=frozen\n"
+               "  stabilitylab replay runs/a --at 1200 --with \"optim.betas=[0.9,0.95]\" --with optim.base_lr=5e-4\n"
+               "  stabilitylab report runs/a       # shows the replays beside the original",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    replay.add_argument("run", metavar="RUN_DIR")
+    replay.add_argument("--at", type=int, required=True, metavar="STEP", help="first step of the window to compare")
+    replay.add_argument("--steps", type=int, default=200, metavar="N", help="steps in the window (default 200)")
+    replay.add_argument("--with", dest="mitigations", action="append", default=[], metavar="KEY=VALUE",
+                        help="one replay with this config change (repeatable)")
+    replay.add_argument("--force", action="store_true", help="redo replays that already exist")
+
     from stabilitylab.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
@@ -85,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     handlers = {"train": cmd_train, "report": cmd_report, "analyze": cmd_analyze,
-                "compare": cmd_compare, "sweep": _cmd_sweep}
+                "compare": cmd_compare, "sweep": _cmd_sweep, "replay": cmd_replay}
     try:
         return handlers[args.command](args) or 0
     except Exception as exc:
@@ -252,6 +271,16 @@ def cmd_compare(args) -> int:
         print(table.to_json(orient="records", indent=2))
     else:
         print(table.to_string(index=False))
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from stabilitylab.replay import replay_run
+
+    paths = replay_run(args.run, at=args.at, steps=args.steps, mitigations=args.mitigations, force=args.force)
+    for path in paths:
+        print(f"replay: {path}")
+    print(f"next: stabilitylab report {args.run}")
     return 0
 
 
