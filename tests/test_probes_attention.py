@@ -7,6 +7,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from stabilitylab.plots_probes import attention_figure, attention_section
 from trainer.probes_attention import COLUMNS, AttentionProbe
 
 
@@ -93,3 +94,12 @@ def test_a_run_writes_the_attention_table_every_few_steps(tmp_path):
     assert list(table["layer"].cat.categories) == ["blocks.0", "blocks.1"]
     assert table[list(COLUMNS)].notna().all().all() and table["entropy_mean"].between(0, 1).all()
     assert run.knn.empty
+
+    # the report's "Attention" figure: first and last block side by side
+    fig = attention_figure(run)
+    assert [a.text for a in fig.layout.annotations[:2]] == ["blocks.0", "blocks.1"]
+    lines = {(t.name, t.xaxis): t for t in fig.data if t.mode == "lines"}
+    last = table[table["layer"] == "blocks.1"]
+    np.testing.assert_array_equal(lines["entropy_min", "x2"].y, last["entropy_min"].to_numpy())
+    np.testing.assert_array_equal(lines["max_logit", "x4"].y, last["max_logit"].to_numpy())
+    assert attention_section(run).title == "Attention"

@@ -1,6 +1,7 @@
 """OptimizerStateProbe against float64 references computed from the optimizer's state and the
 parameters by hand (AdamW, LAMB, LARS), and its columns in a real run's `layers` table."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ import torch
 from timm.optim import Lamb, Lars
 from torch import nn
 
+import stabilitylab as sl
+from stabilitylab.plots_probes import optimizer_state_figure, optimizer_state_section
 from trainer.probes import layer_groups
 from trainer.probes_optim import COLUMNS, SMALL_V, OptimizerStateProbe
 
@@ -155,3 +158,15 @@ def test_a_run_logs_optimizer_state_and_the_switch_turns_it_off(tmp_path):
     _, off = run_tiny(tmp_path, "optim.max_steps=2", "knn.enabled=false", "log.optim_state=false",
                       "log.attention_every=0", name="off")
     assert off.layers[list(COLUMNS)].isna().all().all() and off.layers["grad_l2"].notna().all()
+
+    # the report's "Optimizer state" figure: first layer and last block side by side
+    fig = optimizer_state_figure(run)
+    assert [a.text for a in fig.layout.annotations[:2]] == ["patch_embed", "blocks.1"]
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert len(lines) == 2 * 4  # four columns (no LARS), two layers
+    freshness = run.layers[run.layers["layer"] == "blocks.1"].set_index("step")["adam_freshness"].dropna()
+    np.testing.assert_array_equal(lines[1].y, freshness.to_numpy())  # row 1, column 2
+    assert fig.layout.yaxis.type == "log" and optimizer_state_section(run).title == "Optimizer state"
+    assert optimizer_state_figure(off) is None
+    sample = sl.load_run(Path(__file__).parents[1] / "data_samples" / "runs" / "learned_lr1e-2")
+    assert optimizer_state_section(sample) is None  # a run from before the probe

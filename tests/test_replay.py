@@ -1,11 +1,14 @@
 """`stabilitylab replay`: the unchanged replay is the original bit for bit (CPU), a frozen
-patch projection freezes the current weights, and refusals are one line with nothing written."""
+patch projection freezes the current weights, refusals are one line with nothing written,
+and the report's replay section (plots_probes) compares them on the original's baseline."""
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import stabilitylab as sl
 from stabilitylab.cli import main
+from stabilitylab.plots_probes import replay_comparisons, replay_sections
 from stabilitylab.replay import choose_checkpoint, find_replays
 from trainer.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -21,8 +24,14 @@ def parent(tmp_path_factory):
     return path
 
 
-def test_unchanged_replay_is_bit_exact_and_frozen_freezes_the_current_weights(parent):
+@pytest.fixture(scope="module")
+def replayed(parent):
     assert main(["replay", str(parent), "--at", "6", "--steps", "4", "--with", "model.patch_proj=frozen"]) == 0
+    return parent
+
+
+def test_unchanged_replay_is_bit_exact_and_frozen_freezes_the_current_weights(replayed):
+    parent = replayed
     original = sl.load_run(parent)
     unchanged, frozen = sorted(find_replays(original), key=lambda r: r.meta["replay"]["mitigation"] or "")
     assert unchanged.meta["replay"] == {"parent": "../..", "at": 6, "steps": 4, "checkpoint": "checkpoints/step-00000003.pt",
@@ -81,3 +90,31 @@ def test_the_newest_usable_checkpoint_wins_regular_or_pre_spike(tmp_path):
     assert choose_checkpoint(tmp_path, 7).path.parent.parent.name == "spikes"
     assert choose_checkpoint(tmp_path, 10).step == 9
     assert choose_checkpoint(tmp_path, 6).step == 3  # step 6's own state is after step 6
+
+
+def test_replay_section_compares_each_replay_on_the_original_baseline(replayed):
+    original = sl.load_run(replayed)
+    [comparison] = replay_comparisons(original, rule="ratio:10,window=4,warmup=2")
+    assert (comparison.at, comparison.window, comparison.start) == (6, (6, 9), 4)
+    ratios = comparison.ratios
+    assert list(ratios.index) == ["original", "model.patch_proj=frozen", "unchanged replay"]
+    pd.testing.assert_series_equal(ratios.loc["unchanged replay"], ratios.loc["original"], check_names=False)
+    assert np.isnan(ratios.at["model.patch_proj=frozen", "patch_embed"])
+    # the original's ratio by hand: each value over the upper median of the 4 before it
+    x = original.grad_norms()["blocks.1"]
+    by_hand = max(x[s] / np.sort(x[x.index < s].tail(4))[len(x[x.index < s].tail(4)) // 2] for s in range(6, 10))
+    assert ratios.at["original", "blocks.1"] == pytest.approx(by_hand, rel=1e-12)
+    # the frozen replay's later layers keep the original's history as baseline
+    frozen = [r for r in find_replays(original) if r.meta["replay"]["mitigation"]][0].grad_norms()["blocks.1"]
+    combined = pd.concat([x[x.index < 4], frozen])
+    by_hand = max(combined[s] / np.sort(combined[combined.index < s].tail(4))[2] for s in range(6, 10))
+    assert ratios.at["model.patch_proj=frozen", "blocks.1"] == pytest.approx(by_hand, rel=1e-12)
+    assert set(comparison.knn["replay"]) == set(ratios.index) and comparison.knn["step"].between(4, 9).all()
+
+    [section] = replay_sections(original)
+    [fig], [table] = section.figures, section.tables
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert [t.name for t in bars] == list(ratios.index) and len(bars[0].x) == len(original.grad_norms().columns)
+    assert {"replay", "patch_embed", "spikes", "kNN top-1 at the end (%)"} <= set(table.columns)
+    assert table["kNN top-1 at the end (%)"].between(0, 100).all()
+    fig.to_json()  # serialisable for the HTML report

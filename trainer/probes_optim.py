@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,17 +51,33 @@ SMALL_V = 10.0  # adam_small_v_frac counts entries with sqrt(v_hat) < SMALL_V * 
 
 def _norms(tensors: list[torch.Tensor], ord: float) -> torch.Tensor:
     """Per-tensor norms as one float32 vector (half and bf16 accumulate in float32)."""
-    if not tensors:
-        return torch.zeros(0)
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1:  # the usual case: one fused call
+        dtype = dtypes.pop()
+        return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32 if dtype.itemsize < 4 else None)).float()
     out = torch.empty(len(tensors), device=tensors[0].device)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(i)
-    for dtype, positions in by_dtype.items():
-        widen = torch.float32 if dtype.itemsize < 4 else None
-        norms = torch._foreach_norm([tensors[i] for i in positions], ord, dtype=widen)
-        out[positions] = torch.stack(norms).float()
+    for dtype in dtypes:
+        positions = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        out[positions] = _norms([tensors[i] for i in positions], ord)
     return out
+
+
+@dataclass
+class _Plan:
+    """Which probed tensors have a gradient, an optimizer group, Adam or LARS state, with their
+    device-side group indices. The same every step in practice, so it is built once per pattern."""
+
+    with_grad: list[int]  # positions in the probe's params
+    grad_index: torch.Tensor  # their layer-group indices
+    lr_groups: list[dict | None]  # the optimizer group of each probed param
+    adam: list[int]  # positions in with_grad of the tensors with exp_avg_sq
+    adam_index: torch.Tensor
+    adam_squares: list[torch.Tensor]
+    adam_groups: list[dict]  # their optimizer groups
+    adam_numel: torch.Tensor  # per layer group
+    lars: list[tuple[dict, list[int]]]  # (optimizer group, positions in with_grad)
+    lars_index: torch.Tensor
+    lars_numel: torch.Tensor  # per tensor
 
 
 class OptimizerStateProbe:
@@ -88,28 +105,56 @@ class OptimizerStateProbe:
         self.device = self.params[0].device
         position = {name: i for i, name in enumerate(self.layer_names)}
         self._group_of = torch.tensor([position[n] for n in names], device=self.device)
-        numel = torch.tensor([float(p.numel()) for p in self.params], device=self.device)
-        self._numel = self._sum(numel)
+        self._numel = self._sum(self._tensor([p.numel() for p in self.params]), self._group_of)
         self.capacity = capacity
         self._buffer = torch.full((capacity, len(self.layer_names), len(COLUMNS)), math.nan,
                                   device=self.device)
         self._steps: list[int] = []
         self._previous = [torch.empty_like(p) for p in self.params]
-        self._pending = False  # before_step ran and after_step has not
+        self._plans: dict[tuple, _Plan] = {}
+        self._pending: tuple | None = None  # (plan, per-tensor grad norms^2) from before_step
 
     @property
     def full(self) -> bool:
         return len(self._steps) >= self.capacity
 
-    def _sum(self, per_tensor: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-group sums of per-tensor values (`index`: their group indices; default all)."""
-        out = torch.zeros(len(self.layer_names), device=self.device)
-        return out.index_add_(0, self._group_of if index is None else index, per_tensor.to(self.device))
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).to(self.device, non_blocking=True)
 
-    def _groups(self) -> list[dict | None]:
-        """The optimizer param group of each probed parameter (None if it holds none)."""
+    def _sum(self, per_tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Per layer group sums of per-tensor values with layer-group indices `index`."""
+        return torch.zeros(len(self.layer_names), device=self.device).index_add_(0, index, per_tensor)
+
+    def _plan(self) -> _Plan:
+        state = self.optimizer.state
+        key = (tuple(len(g["params"]) for g in self.optimizer.param_groups),
+               tuple(id(state[p]["exp_avg_sq"]) if p.grad is not None and "exp_avg_sq" in state.get(p, ())
+                     else p.grad is not None for p in self.params))
+        if key not in self._plans:
+            self._plans = {key: self._build_plan()}  # the old pattern will not come back
+        return self._plans[key]
+
+    def _build_plan(self) -> _Plan:
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        return [group_of.get(id(p)) for p in self.params]
+        lr_groups = [group_of.get(id(p)) for p in self.params]
+        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
+        adam = [j for j, i in enumerate(with_grad)
+                if lr_groups[i] is not None and "exp_avg_sq" in self.optimizer.state.get(self.params[i], ())]
+        lars: dict[int, tuple[dict, list[int]]] = {}
+        for j, i in enumerate(with_grad):
+            if lr_groups[i] is not None and "trust_coeff" in lr_groups[i]:
+                lars.setdefault(id(lr_groups[i]), (lr_groups[i], []))[1].append(j)
+        lars_order = [with_grad[j] for _, members in lars.values() for j in members]
+        index = lambda positions: self._group_of[positions] if positions else self._group_of[:0]
+        adam_index = index([with_grad[j] for j in adam])
+        return _Plan(
+            with_grad=with_grad, grad_index=index(with_grad), lr_groups=lr_groups, adam=adam,
+            adam_index=adam_index,
+            adam_squares=[self.optimizer.state[self.params[with_grad[j]]]["exp_avg_sq"] for j in adam],
+            adam_groups=[lr_groups[with_grad[j]] for j in adam],
+            adam_numel=self._sum(self._tensor([self.params[with_grad[j]].numel() for j in adam]), adam_index),
+            lars=list(lars.values()), lars_index=index(lars_order),
+            lars_numel=self._tensor([self.params[i].numel() for i in lars_order]))
 
     @torch.no_grad()
     def before_step(self, step: int) -> None:
@@ -119,83 +164,66 @@ class OptimizerStateProbe:
             raise RuntimeError(f"OptimizerStateProbe buffer is full ({self.capacity} rows): drain() first")
         row = self._buffer[len(self._steps)]
         self._steps.append(int(step))
-        groups = self._groups()
-        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
-        grads = [self.params[i].grad for i in with_grad]
-        grad_sq = _norms(grads, 2).square()
+        plan = self._plan()
+        grads = [self.params[i].grad for i in plan.with_grad]
+        grad_sq = _norms(grads, 2).square() if grads else torch.zeros(0, device=self.device)
 
-        # Adam family: v_hat = exp_avg_sq / (1 - beta2^t) of the previous step t
-        adam, corrections, thresholds = [], [], []
-        for j, i in enumerate(with_grad):
-            group, state = groups[i], self.optimizer.state.get(self.params[i], {})
-            if group is None or "exp_avg_sq" not in state:
-                continue
-            t = float(state.get("step", group.get("step", 0)))
-            correction = 1 - group["betas"][1] ** t if group.get("bias_correction", True) else 1.0
-            adam.append(j)
-            corrections.append(correction)
-            thresholds.append((SMALL_V * group["eps"]) ** 2 * correction)  # sqrt(v/c) < 10 eps
-        if adam:
-            index = self._group_of[[with_grad[j] for j in adam]]
-            squares = [self.optimizer.state[self.params[with_grad[j]]]["exp_avg_sq"] for j in adam]
-            v_hat = _norms(squares, 1) / torch.tensor(corrections, device=self.device)  # v >= 0
-            below = torch._foreach_sub(squares, thresholds)
+        if plan.adam:  # v_hat = exp_avg_sq / (1 - beta2^t) as the previous step t left it
+            corrections = {}
+            for j, group in zip(plan.adam, plan.adam_groups):  # one step count per group, as LAMB keeps it
+                if id(group) not in corrections:
+                    state = self.optimizer.state[self.params[plan.with_grad[j]]]
+                    t = float(state.get("step", group.get("step", 0)))
+                    corrections[id(group)] = 1 - group["betas"][1] ** t if group.get("bias_correction", True) else 1.0
+            correction = [corrections[id(g)] for g in plan.adam_groups]
+            v_hat = _norms(plan.adam_squares, 1) / self._tensor(correction)  # v >= 0: L1 = sum
+            below = torch._foreach_sub(plan.adam_squares, [(SMALL_V * g["eps"]) ** 2 * c  # sqrt(v/c) < 10 eps
+                                                           for g, c in zip(plan.adam_groups, correction)])
             torch._foreach_sign_(below)
-            torch._foreach_clamp_max_(below, 0.0)  # -1 where v < threshold, else 0
-            n_small = _norms(below, 1)
-            numel = self._sum(torch.tensor([float(s.numel()) for s in squares]), index)
-            has_state = numel > 0
-            nan = torch.full_like(numel, math.nan)
-            row[:, 0] = torch.where(has_state, self._sum(grad_sq[adam], index) / self._sum(v_hat, index), nan)
-            row[:, 1] = torch.where(has_state, self._sum(n_small, index) / numel, nan)
+            torch._foreach_clamp_max_(below, 0.0)  # -1 where v is below, else 0
+            small = _norms(below, 1)
+            has_state = plan.adam_numel > 0
+            nan = torch.full_like(plan.adam_numel, math.nan)
+            row[:, 0] = torch.where(has_state, self._sum(grad_sq[plan.adam], plan.adam_index)
+                                    / self._sum(v_hat, plan.adam_index), nan)
+            row[:, 1] = torch.where(has_state, self._sum(small, plan.adam_index) / plan.adam_numel, nan)
 
-        # LARS: timm's trust ratio of each tensor, from its weight and gradient norms
-        lars: dict[int, tuple[dict, list[int]]] = {}
-        for j, i in enumerate(with_grad):
-            if groups[i] is not None and "trust_coeff" in groups[i]:
-                lars.setdefault(id(groups[i]), (groups[i], []))[1].append(j)
-        if lars:
-            ratios, positions = [], []
-            for g, members in lars.values():
-                w_norm = _norms([self.params[with_grad[j]] for j in members], 2)
+        if plan.lars:  # timm's trust ratio of each tensor, from its weight and gradient norms
+            ratios = []
+            for g, members in plan.lars:
+                w_norm = _norms([self.params[plan.with_grad[j]] for j in members], 2)
                 adapts = g["weight_decay"] != 0 or g.get("always_adapt", False)
-                ratios.append(_lars_trust_ratio(w_norm, grad_sq[members].sqrt(), g["trust_coeff"],
-                                                g["weight_decay"], g["eps"], g["trust_clip"], g["lr"])
-                              if adapts else torch.ones_like(w_norm))
-                positions += [with_grad[j] for j in members]
-            index = self._group_of[positions]
-            numel = torch.tensor([float(self.params[i].numel()) for i in positions], device=self.device)
-            weight = self._sum(numel, index)
-            row[:, 4] = torch.where(weight > 0, self._sum(torch.cat(ratios) * numel, index) / weight,
-                                    torch.full_like(weight, math.nan))
+                ratios.append(_lars_trust_ratio(w_norm, grad_sq[members].sqrt(), g["trust_coeff"], g["weight_decay"],
+                                                g["eps"], g["trust_clip"], g["lr"]) if adapts else torch.ones_like(w_norm))
+            weight = self._sum(plan.lars_numel, plan.lars_index)
+            row[:, 4] = torch.where(weight > 0, self._sum(torch.cat(ratios) * plan.lars_numel, plan.lars_index)
+                                    / weight, torch.full_like(weight, math.nan))
 
         torch._foreach_copy_(self._previous, self.params)
-        self._pending = True
+        self._pending = (plan, grad_sq)
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Update columns of the last row; call after `optimizer.step()`, or after skipping it."""
-        if not self._pending:
+        if self._pending is None:
             raise RuntimeError("after_step() without a preceding before_step(step)")
-        self._pending = False
+        plan, grad_sq = self._pending
+        self._pending = None
         row = self._buffer[len(self._steps) - 1]
         torch._foreach_sub_(self._previous, self.params)  # = -(theta_t - theta_{t-1})
-        groups = self._groups()
-        lr = torch.tensor([math.nan if g is None else float(g["lr"]) for g in groups], device=self.device)
         update = _norms(self._previous, 2)
-        row[:, 2] = (self._sum((update / lr).square()) / self._numel).sqrt()
-        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if with_grad:
+        lr = self._tensor([math.nan if g is None else float(g["lr"]) for g in plan.lr_groups])
+        row[:, 2] = (self._sum((update / lr).square(), self._group_of) / self._numel).sqrt()
+        if plan.with_grad:
             # <-update, g> per tensor; foreach has no signed sum, so sum(x) = 2 sum(max(x, 0)) - sum|x|
-            products = torch._foreach_mul([self._previous[i] for i in with_grad],
-                                          [self.params[i].grad for i in with_grad])
+            products = torch._foreach_mul([self._previous[i] for i in plan.with_grad],
+                                          [self.params[i].grad for i in plan.with_grad])
             absolute = _norms(products, 1)
             torch._foreach_clamp_min_(products, 0.0)
             dot = 2 * _norms(products, 1) - absolute
-            index = self._group_of[with_grad]
-            grad_norm = self._sum(_norms([self.params[i].grad for i in with_grad], 2).square(), index).sqrt()
-            update_norm = self._sum(update.square()).sqrt()
-            row[:, 3] = self._sum(dot, index) / (update_norm * grad_norm)
+            grad_norm = self._sum(grad_sq, plan.grad_index).sqrt()
+            update_norm = self._sum(update.square(), self._group_of).sqrt()
+            row[:, 3] = self._sum(dot, plan.grad_index) / (update_norm * grad_norm)
 
     def drain(self) -> dict[str, np.ndarray]:
         """Columns (step, layer, COLUMNS) of the buffered rows, one device->host copy; resets."""
@@ -206,5 +234,5 @@ class OptimizerStateProbe:
         columns.update({name: values[:, i].copy() for i, name in enumerate(COLUMNS)})
         self._buffer[:n].fill_(math.nan)
         self._steps = []
-        self._pending = False
+        self._pending = None
         return columns
