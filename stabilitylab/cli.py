@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                     "projection's current weights.",
         epilog="examples:\n  stabilitylab replay runs/a --at 1200 --steps 200 --with model.patch_proj=frozen\n"
                "  stabilitylab replay runs/a --at 1200 --with \"optim.betas=[0.9,0.95]\" --with optim.base_lr=5e-4\n"
-               "  stabilitylab report runs/a       # shows the replays beside the original",
+               "  stabilitylab compare runs/a/replays/s1200_n200_*   # the replays side by side",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     replay.add_argument("run", metavar="RUN_DIR")
     replay.add_argument("--at", type=int, required=True, metavar="STEP", help="first step of the window to compare")

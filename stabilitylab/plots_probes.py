@@ -75,7 +75,7 @@ def _side_by_side(table: pd.DataFrame, layers: list[str], rows, title: str, spik
                         horizontal_spacing=0.08, column_titles=[label(layer) for layer in layers])
     for r, (columns, axis, log) in enumerate(rows, start=1):
         for c, layer in enumerate(layers, start=1):
-            for column in columns:
+            for k, column in enumerate(columns):
                 wide = pivot_layers(_long(table, [layer])[["step", "layer", column]], column)
                 if layer not in wide:
                     continue
@@ -85,6 +85,7 @@ def _side_by_side(table: pd.DataFrame, layers: list[str], rows, title: str, spik
                 keep = [s for s in spikes.get(layer, []) if s in series.index]
                 line = decimate(series, max_points, keep)
                 fig.add_trace(go.Scatter(x=line.index, y=line.to_numpy(), mode="lines", name=label(column),
+                                         line=dict(color=_color(c - 1), dash=("solid", "dot")[k % 2]),
                                          legendgroup=column, showlegend=c == 1 and len(columns) > 1),
                               row=r, col=c)
                 if keep and column == columns[0]:
@@ -209,10 +210,11 @@ def replay_figure(comparison: ReplayComparison) -> go.Figure:
         f"largest ‖g‖ / running median, steps {comparison.window[0]}–{comparison.window[1]}",
         f"kNN top-1, steps {comparison.start}–{comparison.window[1]}"])
     layers = [c for c in comparison.ratios.columns if c != "spikes"]
+    colors = {name: i for i, name in enumerate(comparison.ratios.index)}
     for name, row in comparison.ratios.iterrows():
         fig.add_trace(go.Bar(x=[label(layer) for layer in layers], y=row[layers].to_numpy(dtype=float),
-                             name=label(name), legendgroup=name), row=1, col=1)
-    colors = {name: i for i, name in enumerate(comparison.ratios.index)}
+                             name=label(name), legendgroup=name, marker_color=_color(colors[name])),
+                      row=1, col=1)
     for (name, source), rows in comparison.knn.groupby(["replay", "source"], sort=False):
         fig.add_trace(go.Scatter(x=rows["step"], y=rows["top1"] * 100, mode="lines+markers",
                                  name=f"{label(name)} ({label(source)})", legendgroup=name,
@@ -236,12 +238,13 @@ def replay_sections(run, *, rule=None) -> list[Section]:
     sections = []
     for comparison in replay_comparisons(run, rule=rule):
         table = comparison.ratios.round(1).rename_axis("replay").reset_index()
-        knn = comparison.knn
-        queue = knn[knn["source"] == ("queue" if (knn["source"] == "queue").any() else "val")]
-        top1 = queue.sort_values("step").groupby("replay")["top1"].last() * 100
+        knn = comparison.knn  # the fresh-bank (val) number when the window has one: less noisy
+        curve = knn[knn["source"] == ("val" if (knn["source"] == "val").any() else "queue")]
+        top1 = curve.sort_values("step").groupby("replay")["top1"].last() * 100
         table["kNN top-1 at the end (%)"] = table["replay"].map(top1).round(1)
         sections.append(Section(f"Replay at step {comparison.at}", [replay_figure(comparison)], [table], note=(
             f"Steps {comparison.start}–{comparison.window[1]} rerun from a checkpoint; the ratios and spike "
-            f"counts cover steps {comparison.window[0]}–{comparison.window[1]} on the original run's baseline. "
+            f"counts cover steps {comparison.window[0]}–{comparison.window[1]} on the original run's baseline; "
+            "the kNN top-1 at the end is the fresh-bank (val) one when the window has one, else the queue's. "
             "A frozen patch projection was frozen at its weights at the checkpoint.")))
     return sections

@@ -8,7 +8,8 @@ with the same augmentations (the sampler's per-sample seeds make them a function
 step). The unchanged replay reproduces the original run bit for bit on the CPU; each
 `--with KEY=VALUE` replay changes one config key at the checkpoint. Only keys that can
 change mid-run are accepted (`MID_RUN_KEYS`); a different model shape, data order or
-optimizer is refused with one line. `model.patch_proj=frozen` freezes the *current* weights
+optimizer is refused with one line. Replays of a run with `on_spike=checkpoint` only log
+their spikes (`--with on_spike=checkpoint` to take checkpoints there too). `model.patch_proj=frozen` freezes the *current* weights
 of the patch projection (not a fresh random one as a run started frozen has); the momentum
 encoder's copy stays at its own current weights.
 
@@ -101,14 +102,15 @@ def plan_replays(run_dir, *, at: int, steps: int, mitigations=(), force: bool = 
     checkpoint = choose_checkpoint(run.path, at)
     steps = min(steps, last + 1 - at)  # no further than the run went: nothing to compare after
     parent = config_from_run(run.path)
-    parent_flat = _flat(asdict(parent))
-    end = f"optim.max_steps={at + steps}"
+    # a replay stops at the window's end and takes no pre-spike checkpoints of its own unless asked
+    own = [f"optim.max_steps={at + steps}"] + (["on_spike=log"] if parent.on_spike == "checkpoint" else [])
+    base = _flat(asdict(load_config(run.path / CONFIG_FILE, own)))
     replays = []
     for mitigation in [None, *mitigations]:
         if mitigation is not None and "=" not in mitigation:
             raise ReplayError(f"--with {mitigation!r} is not of the form KEY=VALUE")
-        cfg = load_config(run.path / CONFIG_FILE, [end] + ([mitigation] if mitigation else []))
-        changed = {k for k, v in _flat(asdict(cfg)).items() if v != parent_flat.get(k)} - {"optim.max_steps"}
+        cfg = load_config(run.path / CONFIG_FILE, own + ([mitigation] if mitigation else []))
+        changed = {k for k, v in _flat(asdict(cfg)).items() if v != base.get(k)}
         if mitigation is not None:
             if not changed:
                 raise ReplayError(f"--with {mitigation} is the run's own value: that replay is the unchanged one")
@@ -121,12 +123,13 @@ def plan_replays(run_dir, *, at: int, steps: int, mitigations=(), force: bool = 
                 raise ReplayError(f"--with {mitigation}: model.patch_proj cannot change from {old} to {new} "
                                   f"mid-run (other parameters); possible: learned -> frozen or clip, clip -> "
                                   f"learned or frozen")
-        path = run.path / REPLAYS / f"s{at}_n{steps}_{_slug(mitigation)}"
+        replays.append(Replay(run.path / REPLAYS / f"s{at}_n{steps}_{_slug(mitigation)}", mitigation, cfg))
+    for replay in replays:
+        path = replay.path
         if path.is_dir() and any(path.iterdir()) and not is_run_dir(path):
             raise ReplayError(f"{path} exists and is not a run directory; refusing to overwrite it")
         if path.exists() and not force and not _finished(path):
             raise ReplayError(f"{path} exists and is not a finished replay; remove it or pass --force")
-        replays.append(Replay(path, mitigation, cfg))
     return checkpoint, replays
 
 
@@ -176,7 +179,7 @@ def run_replay(replay: Replay, checkpoint, parent_dir: Path, *, at: int, steps: 
     if replay.path.exists():
         shutil.rmtree(replay.path)
     cfg = replay.config
-    parent = config_from_run(parent_dir, [f"optim.max_steps={cfg.optim.max_steps}"])
+    parent = config_from_run(parent_dir, [f"optim.max_steps={cfg.optim.max_steps}", f"on_spike={cfg.on_spike}"])
     # a projection frozen from the start has no optimizer state: build as the checkpoint was
     freezes = cfg.model.patch_proj == "frozen" and parent.model.patch_proj != "frozen"
     build = parent if freezes else cfg
