@@ -3,7 +3,8 @@
 `train(cfg, run_dir=..., writer=...)` runs the loop; the caller supplies the config
 (`trainer.config.TrainConfig`) and the run writer. Paper concepts, one module each:
 model (backbone + patch-projection variants), heads, moco (loss, momentum update),
-probes (per-layer gradient statistics), knn (dense kNN monitor), schedules, optim, data.
+probes (per-layer gradient statistics), probes_optim (optimizer state), probes_attention
+(attention entropy and logits), knn (dense kNN monitor), schedules, optim, data.
 
 Exports load lazily so that `trainer.config` (plain dataclasses) can be read without torch.
 """

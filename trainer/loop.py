@@ -1,10 +1,12 @@
 """The instrumented MoCo v3 training loop (`trainer.train`).
 
 One optimizer step: lr and m from their per-iteration schedules -> forward both views
-(momentum update inside, as the official code) -> backward -> unscale -> per-layer gradient
-probe (before any clipping) -> finiteness check (one host sync) -> optional patch-projection
-clipping -> optimizer step -> update norms. Every `knn.every` steps the dense kNN monitor
-classifies a fixed held-out subset against the queue of training features.
+(momentum update inside, as the official code; the attention probe looks at it every
+`log.attention_every` steps) -> backward -> unscale -> per-layer gradient probe (before any
+clipping) -> finiteness check (one host sync) -> online spike detector on the per-layer norms
+(`on_spike`: log, keep the pre-update state, or skip the update) -> optional patch-projection
+clipping -> optimizer-state probe -> optimizer step -> update norms. Every `knn.every` steps
+the dense kNN monitor classifies a fixed held-out subset against the queue of training features.
 
 The caller hands in a writer (see stabilitylab.rundir.RunWriter: append / event /
 should_flush / flush / update_meta); only rank 0 gets one.
