@@ -143,7 +143,11 @@ class GradientProbe:
         for positions, index in self._plan(tensors):
             same_dtype = [tensors[i] for i in positions]
             widen = torch.float32 if same_dtype[0].dtype.itemsize < 4 else None  # half, bf16
-            norms = torch.stack(torch._foreach_norm(same_dtype, ord, dtype=widen))
+            if ord == math.inf and same_dtype[0].device.type == "cpu":
+                # the same numbers: the CPU's foreach max-norm is ~10x slower than this loop
+                norms = torch.stack([t.abs().amax() for t in same_dtype])
+            else:
+                norms = torch.stack(torch._foreach_norm(same_dtype, ord, dtype=widen))
             norms = norms.to(self.device, torch.float32)
             if ord == 2:
                 out.scatter_add_(0, index, norms.square())
