@@ -15,7 +15,7 @@ event. Windows and warmup count logged values (rows), not optimizer steps; with
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -265,3 +265,151 @@ def _events(layer, x: pd.Series, baseline, ratio, score, pos) -> pd.DataFrame:
         "ratio": ratio[peak],
         "score": score[peak],
     }, columns=SPIKE_COLUMNS)
+
+
+class StreamingSpikeDetector:
+    """`find_spikes`, one logged step at a time: the online twin of the offline detector.
+
+    Pure numpy, for a training loop. `update(step, values)` takes one value per layer (NaN or
+    <= 0 where a layer has none, which it ignores as `find_spikes` does) and returns the
+    events that start at that step. `events()` gives every event so far in the form and
+    order `find_spikes` gives them on the whole series (an event still open ends at its last
+    flagged value so far), so a run fed value by value yields the offline events exactly.
+    Same `SpikeRule` semantics: each layer keeps the last `rule.window` valid values (the
+    causal median and the sigma test's mean / std) and the last `rule.window` absolute
+    log-residuals (the mad test's scale); its first `rule.warmup` valid values are never
+    flagged. `flagged` and `ratio` describe the last update, per layer.
+
+    `state_dict()` / `load_state_dict()` carry the whole state (plain numpy and lists), so a
+    resumed run continues with the baselines it had.
+    """
+
+    def __init__(self, layers, rule: "SpikeRule | str | None" = None):
+        self.rule = SpikeRule.parse(rule)
+        self.layers = [str(layer) for layer in layers]
+        self._tests = replace(self.rule, warmup=0)  # warm-up is per layer here, by its count
+        self._first_method = self.rule.alternatives[0][0].method
+        shape = (len(self.layers), self.rule.window)
+        self._values = np.full(shape, np.nan)  # ring buffer of the last valid values
+        self._resid = np.full(shape, np.nan)  # ring buffer of |log x - log baseline|
+        self._count = np.zeros(len(self.layers), dtype=np.int64)  # valid values seen
+        self._open: list[dict | None] = [None] * len(self.layers)
+        self._closed: list[dict] = []
+        self.flagged = np.zeros(len(self.layers), dtype=bool)
+        self.ratio = np.full(len(self.layers), np.nan)
+
+    def update(self, step: int, values) -> list[dict]:
+        """Feed one step: a value per layer, in `layers` order. Returns the events that
+        start here, as dicts with layer, step, value, baseline, ratio and score."""
+        x = np.asarray(values, dtype=float)
+        if x.shape != (len(self.layers),):
+            raise ValueError(f"expected {len(self.layers)} values (one per layer), got shape {x.shape}")
+        window, n = self.rule.window, self._count
+        valid = np.isfinite(x) & (x > 0)
+        baseline = _upper_median(self._values, np.minimum(n, window))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scores = {"ratio": x / baseline}
+            resid = np.log(scores["ratio"])
+            if "mad" in self.rule.methods:
+                scale = np.maximum(MAD_TO_SIGMA * _upper_median(self._resid, np.minimum(n - 1, window)),
+                                   MIN_LOG_SCALE)
+                scores["mad"] = resid / scale
+            if "sigma" in self.rule.methods:
+                mean, std = _mean_std(self._values)
+                scores["sigma"] = (x - mean) / std
+        self.flagged = self._tests.flag(scores) & valid & (n >= self.rule.warmup)
+        self.ratio = np.where(valid, scores["ratio"], np.nan)
+
+        rows = np.flatnonzero(valid)
+        self._values[rows, n[rows] % window] = x[rows]
+        later = rows[n[rows] >= 1]
+        self._resid[later, (n[later] - 1) % window] = np.abs(resid[later])
+        self._count[rows] += 1
+
+        started = []
+        for i in rows:
+            event = self._open[i]
+            if not self.flagged[i]:
+                if event is not None:
+                    self._closed.append(event)
+                    self._open[i] = None
+                continue
+            peak = dict(peak_step=int(step), value=float(x[i]), baseline=float(baseline[i]),
+                        ratio=float(scores["ratio"][i]), score=float(scores[self._first_method][i]))
+            if event is None:
+                event = self._open[i] = dict(layer=self.layers[i], step=int(step), end_step=int(step),
+                                             n_steps=0, **peak)
+                started.append({"layer": event["layer"], "step": event["step"],
+                                **{k: peak[k] for k in ("value", "baseline", "ratio", "score")}})
+            elif peak["ratio"] > event["ratio"]:  # the first largest ratio, as idxmax
+                event.update(peak)
+            event["end_step"] = int(step)
+            event["n_steps"] += 1
+        return started
+
+    def events(self) -> pd.DataFrame:
+        """Every event so far, as `find_spikes` returns them (layer order, then step)."""
+        order = {layer: i for i, layer in enumerate(self.layers)}
+        rows = sorted(self._closed + [e for e in self._open if e is not None],
+                      key=lambda e: (order[e["layer"]], e["step"]))
+        out = pd.DataFrame(rows, columns=SPIKE_COLUMNS).astype(
+            {"step": np.int64, "peak_step": np.int64, "end_step": np.int64, "n_steps": np.int64,
+             "value": float, "baseline": float, "ratio": float, "score": float})
+        out["layer"] = pd.Categorical(out["layer"], categories=self.layers)
+        return out
+
+    def state_dict(self) -> dict:
+        """Plain Python values only (lists, floats, str), so a checkpoint holding it loads
+        with torch's weights_only unpickler."""
+        return {"layers": list(self.layers), "rule": str(self.rule), "values": self._values.tolist(),
+                "resid": self._resid.tolist(), "count": self._count.tolist(),
+                "open": [None if e is None else _plain(e) for e in self._open],
+                "closed": [_plain(e) for e in self._closed]}
+
+    def select(self, layers) -> "StreamingSpikeDetector":
+        """A detector over some of the layers that continues with their state and events
+        (a replay that freezes a layer's parameters stops logging it)."""
+        keep = [self.layers.index(str(layer)) for layer in layers]
+        out = StreamingSpikeDetector([self.layers[i] for i in keep], self.rule)
+        out._values, out._resid, out._count = self._values[keep], self._resid[keep], self._count[keep]
+        out._open = [None if self._open[i] is None else dict(self._open[i]) for i in keep]
+        out._closed = [dict(e) for e in self._closed if e["layer"] in out.layers]
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`; refuses a state of other layers or another rule."""
+        if list(state["layers"]) != self.layers or SpikeRule.parse(state["rule"]) != self.rule:
+            raise ValueError(f"spike detector state is for rule {state['rule']} on "
+                             f"{len(state['layers'])} layers, not {self.rule} on {len(self.layers)}")
+        self._values = np.array(state["values"], dtype=float)
+        self._resid = np.array(state["resid"], dtype=float)
+        self._count = np.array(state["count"], dtype=np.int64)
+        self._open = [None if e is None else dict(e) for e in state["open"]]
+        self._closed = [dict(e) for e in state["closed"]]
+
+
+def _plain(event: dict) -> dict:
+    """An event dict with numpy scalars as Python numbers."""
+    return {key: value.item() if isinstance(value, np.generic) else value for key, value in event.items()}
+
+
+def _upper_median(ring: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per row, the upper median of its `counts` filled slots (the rest are NaN); NaN for 0.
+
+    The same value `causal_median` takes: an element of the window, never an average.
+    """
+    ordered = np.sort(ring, axis=1)  # NaN (unfilled) sorts last
+    out = ordered[np.arange(len(ring)), np.clip(counts // 2, 0, ring.shape[1] - 1)]
+    return np.where(counts > 0, out, np.nan)
+
+
+def _mean_std(ring: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, mean and sample standard deviation of the filled slots; NaN below two values
+    (pandas' rolling(min_periods=2), as the sigma test uses; equal up to rounding)."""
+    filled = np.isfinite(ring)
+    count = filled.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(filled, ring, 0.0).sum(axis=1) / count
+        var = np.where(filled, (ring - mean[:, None]) ** 2, 0.0).sum(axis=1) / (count - 1)
+    two = count >= 2
+    return np.where(two, mean, np.nan), np.where(two, np.sqrt(np.where(two, var, 0.0)), np.nan)

@@ -1,28 +1,37 @@
-"""Figure 1 -- instrumentation overhead: training steps with every per-layer statistic and the
-kNN-queue enqueue on, against the same steps with them off, interleaved A/B.
+"""Figure 1 -- instrumentation overhead: training steps with the instruments on against the
+same steps with them off, and each probe of issue 14 alone, interleaved.
 
-    python benchmarks/bench_overhead.py --quick     # CPU tiny preset, a few pairs (< 1 min)
-    python benchmarks/bench_overhead.py             # CPU tiny preset, batch 128, 40 pairs (goal <= 1.03)
+    python benchmarks/bench_overhead.py --quick     # CPU tiny preset, a few rounds (< 1 min)
+    python benchmarks/bench_overhead.py             # CPU tiny preset, batch 128, 40 rounds (goal <= 1.03)
     python benchmarks/bench_overhead.py --device cuda --model vit_small --img 224 \\
         --batch 256 --precision bf16                # the GPU figure          (goal <= 1.01)
 
 One `trainer.Trainer`, one model, one fixed random batch already on the device (no data
-loading noise). "on" = the product default: `GradientProbe.record` (grad_l2, grad_max_abs per
-group), `snapshot_params` + `record_update` (param_l2, update_l2 with `log.update_norms`) every
-step, the probe buffer drained (one device->host copy) whenever full, and `KnnMonitor.enqueue`
-of the batch features. "off" = `log.every` larger than any step and no kNN monitor: the loop
-then only takes the total gradient norm it needs for its finiteness check (and the `steps`
-row), which a run cannot switch off. The arms alternate in blocks (AB, BA, AB, ...); each pair
-of blocks gives one ratio of mean step times, and the script prints the median ratio with its
-interquartile range and a bootstrap 95% CI of the median.
+loading noise). Arms, switched on the same trainer between blocks of steps:
+
+- off: `log.every` larger than any step, no kNN monitor, no probe: the loop only takes the
+  total gradient norm it needs for its finiteness check (and the `steps` row);
+- grad: the instruments before issue 14: `GradientProbe.record`, `snapshot_params`,
+  `record_update` every step, the buffers drained when full, `KnnMonitor.enqueue`;
+- all: every default-on instrument: grad + the optimizer-state probe + the attention probe
+  every `log.attention_every` (10) steps + the online spike detector (`on_spike=log`);
+- grad+optim, grad+attention@1 (the attention probe on every step: its per-probe-step cost),
+  grad+detector, grad+keep (`on_spike=checkpoint`'s per-step copy of the last good state,
+  with the detector): one addition each, for the per-probe table.
+
+The arms run in rounds of one block each, in an order rotated every round; each round gives
+one ratio of mean step times per arm (to `off`, and the additions also to `grad`), and the
+script prints the median ratio with its interquartile range and a bootstrap 95% CI.
 
 Also the shared helpers of the torch benchmarks (bench_knn.py, bench_throughput.py import
 them): configs are built as `trainer.config.TrainConfig` dataclasses directly, so nothing here
-needs omegaconf, pandas, pyarrow or plotly (benchmarks/gpu_check.sh relies on that).
+needs omegaconf, pyarrow or plotly (benchmarks/gpu_check.sh relies on that; the trainer's
+online spike detector imports `analysis`, hence pandas and scipy).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -138,7 +147,8 @@ def sync(device) -> None:
 def timed_steps(trainer, batch, n: int) -> tuple[list[float], list[float]]:
     """(wall, process CPU) seconds of each of n `train_step`s (each ends in a host sync).
 
-    The probe buffer is drained when full, inside the timed step, as the loop does at a flush.
+    Each step also runs the loop's between-steps spike policy, and drains a probe buffer
+    that is full, inside the timed step, as the loop does at a flush.
     """
     wall, cpu = [], []
     for _ in range(n):
@@ -146,8 +156,10 @@ def timed_steps(trainer, batch, n: int) -> tuple[list[float], list[float]]:
         c0, t0 = time.process_time(), time.perf_counter()
         trainer.train_step(*batch)
         trainer.step += 1
-        if trainer.probe.full:
-            trainer.probe.drain()
+        trainer._after_step_spike_policy()
+        for probe in (trainer.probe, trainer.optim_probe, trainer.attention):
+            if probe is not None and probe.full:
+                probe.drain()
         sync(trainer.device)
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
@@ -201,33 +213,66 @@ def quick_model(args) -> None:
 
 # ---------------------------------------------------------------------- the benchmark
 
-def set_instrumentation(trainer, on: bool, monitor) -> None:
-    trainer.cfg.log.every = 1 if on else OFF_EVERY
-    trainer.knn = monitor if on else None
+ARMS = {  # arm -> instruments on (see the module docstring)
+    "off": set(),
+    "grad": {"grad"},
+    "all": {"grad", "optim", "attention", "detector"},
+    "grad+optim": {"grad", "optim"},
+    "grad+attention@1": {"grad", "attention@1"},
+    "grad+detector": {"grad", "detector"},
+    "grad+keep": {"grad", "detector", "keep"},
+}
+ADDITIONS = [arm for arm in ARMS if arm.startswith("grad+")]
 
 
-def component_times(trainer, batch, repeats: int) -> dict[str, float]:
+def set_instrumentation(trainer, parts: set, saved: dict) -> None:
+    """Switch the trainer's instruments to `parts` (saved: the instances built on)."""
+    trainer.cfg.log.every = 1 if "grad" in parts else OFF_EVERY
+    trainer.knn = saved["knn"] if "grad" in parts else None
+    trainer.optim_probe = saved["optim"] if "optim" in parts else None
+    trainer.attention = saved["attention"] if parts & {"attention", "attention@1"} else None
+    trainer.cfg.log.attention_every = 1 if "attention@1" in parts else saved["attention_every"]
+    trainer.spikes = saved["spikes"] if "detector" in parts else None
+    trainer.cfg.on_spike = "checkpoint" if "keep" in parts else "log"
+    if "keep" not in parts:
+        trainer._last_good = None
+
+
+def component_times(trainer, batch, saved: dict, repeats: int) -> dict[str, float]:
     """Median seconds of each instrument call alone, on the gradients of one real step."""
     from trainer import distributed as dist_utils
 
+    set_instrumentation(trainer, ARMS["all"], saved)
     trainer.train_step(*batch)  # leaves .grad populated
     trainer.step += 1
-    probe, monitor = trainer.probe, trainer.knn
+    probe, optim, monitor, spikes = trainer.probe, saved["optim"], saved["knn"], saved["spikes"]
     feats = torch.randn(trainer.local_batch, trainer.model.feature_dim, device=trainer.device)
     labels = batch[2]
+    values = probe.last_grad_l2().cpu().numpy() if probe._steps else np.ones(len(probe.layer_names))
+    trainer.cfg.on_spike = "checkpoint"
+
+    def optim_step():
+        optim.before_step(trainer.step)
+        optim.after_step()
+
     calls = {
         "probe.total_grad_norm (also in off)": lambda: probe.total_grad_norm(),
         "probe.record": lambda: probe.record(trainer.step),
         "probe.snapshot_params": probe.snapshot_params,
         "probe.record_update": probe.record_update,
         "knn.enqueue": lambda: monitor.enqueue(dist_utils.concat_all_gather(feats), labels),
+        "optim_probe.before_step + after_step": optim_step,
+        "spike detector update": lambda: spikes.update(trainer.step, values),
+        "keep last good state (on_spike=checkpoint)": trainer._remember_last_good_state,
+        "  vs a deep copy of the whole state": lambda: copy.deepcopy(trainer.state_dict()),
     }
     out = {}
     for name, call in calls.items():
         times = []
         for _ in range(repeats):
-            if probe.full:
-                probe.drain()
+            for p in (probe, optim):
+                if p.full:
+                    p.drain()
             sync(trainer.device)
             t0 = time.perf_counter()
             call()
@@ -235,14 +280,23 @@ def component_times(trainer, batch, repeats: int) -> dict[str, float]:
             times.append(time.perf_counter() - t0)
         out[name] = statistics.median(times)
     probe.drain()
+    optim.drain()
+    set_instrumentation(trainer, ARMS["all"], saved)
     return out
+
+
+def summarize(ratios) -> tuple[float, float, float, float, float]:
+    median = statistics.median(ratios)
+    q1, q3 = np.quantile(ratios, [0.25, 0.75])
+    lo, hi = bootstrap_median_ci(ratios)
+    return median, q1, q3, lo, hi
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(parser)
-    parser.add_argument("--quick", action="store_true", help="few short pairs (< 1 minute)")
-    parser.add_argument("--pairs", type=int, help="A/B block pairs (default 40, quick 6)")
+    parser.add_argument("--quick", action="store_true", help="few short rounds (< 1 minute)")
+    parser.add_argument("--pairs", type=int, help="rounds of one block per arm (default 40, quick 6)")
     parser.add_argument("--block", type=int, help="steps per block (default 3, quick 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 10, quick 3)")
     parser.add_argument("--goal", type=float, help="ratio goal (default 1.03 on CPU, 1.01 on CUDA)")
@@ -252,7 +306,7 @@ def main(argv=None) -> int:
                              "wall on CUDA). Both are printed.")
     args = parser.parse_args(argv)
     quick_model(args)
-    pairs = args.pairs or (6 if args.quick else 40)
+    rounds = args.pairs or (6 if args.quick else 40)
     block = args.block or (2 if args.quick else 3)
     warmup = args.warmup or (3 if args.quick else 10)
 
@@ -262,49 +316,59 @@ def main(argv=None) -> int:
     goal = args.goal or (1.01 if device.type == "cuda" else 1.03)
     clock = args.clock if args.clock != "auto" else ("wall" if device.type == "cuda" else "cpu")
     batch = fixed_batch(trainer)
-    monitor = trainer.knn
+    saved = {"knn": trainer.knn, "optim": trainer.optim_probe, "attention": trainer.attention,
+             "spikes": trainer.spikes, "attention_every": cfg.log.attention_every}
     print(f"figure 1: instrumentation overhead -- {describe(cfg, device)}, "
-          f"{len(trainer.probe.layer_names)} layer groups, kNN queue {len(monitor.features)}")
+          f"{len(trainer.probe.layer_names)} layer groups, kNN queue {len(saved['knn'].features)}, "
+          f"attention probe on {cfg.log.attention_samples} images every {cfg.log.attention_every} steps")
     print(f"machine: {machine()}")
 
-    set_instrumentation(trainer, True, monitor)
-    timed_steps(trainer, batch, warmup)  # step 0 (always logged) is here, in the "on" arm
-    set_instrumentation(trainer, False, monitor)
-    timed_steps(trainer, batch, max(1, warmup // 2))
+    for arm in ("all", "off"):  # step 0 (always logged) is in the warm-up
+        set_instrumentation(trainer, ARMS[arm], saved)
+        timed_steps(trainer, batch, warmup if arm == "all" else max(1, warmup // 2))
 
-    ratios = {"wall": [], "cpu": []}
-    steps = {(on, c): [] for on in (True, False) for c in ratios}
-    for i in range(pairs):
-        order = (True, False) if i % 2 == 0 else (False, True)
-        means = {}
-        for on in order:
-            set_instrumentation(trainer, on, monitor)
+    arms = list(ARMS)
+    steps = {(arm, c): [] for arm in arms for c in ("wall", "cpu")}
+    means = {(arm, c): [] for arm in arms for c in ("wall", "cpu")}
+    for i in range(rounds):
+        order = arms[i % len(arms):] + arms[:i % len(arms)]
+        order = order if i % 2 == 0 else order[::-1]
+        for arm in order:
+            set_instrumentation(trainer, ARMS[arm], saved)
             for c, times in zip(("wall", "cpu"), timed_steps(trainer, batch, block)):
-                steps[on, c].extend(times)
-                means[on, c] = sum(times) / len(times)
-        for c in ratios:
-            ratios[c].append(means[True, c] / means[False, c])
-    set_instrumentation(trainer, True, monitor)
+                steps[arm, c].extend(times)
+                means[arm, c].append(sum(times) / len(times))
+    set_instrumentation(trainer, ARMS["all"], saved)
 
-    print(f"{pairs} pairs x {block} steps per arm, alternating AB/BA")
+    print(f"{rounds} rounds x {block} steps per arm, arm order rotated every round")
+    ratio = lambda arm, base, c: [a / b for a, b in zip(means[arm, c], means[base, c])]
     summary = {}
     for c in ("wall", "cpu"):
-        r = ratios[c]
-        median = statistics.median(r)
-        q1, q3 = np.quantile(r, [0.25, 0.75])
-        lo, hi = bootstrap_median_ci(r)
-        summary[c] = (median, q1, q3, lo, hi)
-        print(f"{c:4s}: median step on {statistics.median(steps[True, c]) * 1e3:8.2f} ms, "
-              f"off {statistics.median(steps[False, c]) * 1e3:8.2f} ms; ratio on/off median "
-              f"{median:.4f}, IQR [{q1:.4f}, {q3:.4f}], bootstrap 95% CI [{lo:.4f}, {hi:.4f}]")
+        print(f"{c}: median step, off {statistics.median(steps['off', c]) * 1e3:.2f} ms")
+        for arm in arms[1:]:
+            median, q1, q3, lo, hi = summary[arm, c] = summarize(ratio(arm, "off", c))
+            extra = ""
+            if arm in ADDITIONS:
+                summary[arm, c, "grad"] = summarize(ratio(arm, "grad", c))
+                extra = f"; / grad {summary[arm, c, 'grad'][0]:.4f} (CI {summary[arm, c, 'grad'][3]:.4f}-" \
+                        f"{summary[arm, c, 'grad'][4]:.4f})"
+            print(f"  {arm:18s} {statistics.median(steps[arm, c]) * 1e3:9.2f} ms; / off median {median:.4f}, "
+                  f"IQR [{q1:.4f}, {q3:.4f}], CI [{lo:.4f}, {hi:.4f}]{extra}")
     if not args.quick:
         print("each instrument alone (median of 30 calls, wall):")
-        for name, seconds in component_times(trainer, batch, 30).items():
-            print(f"  {name:38s} {seconds * 1e3:8.3f} ms")
-    median, q1, q3, lo, hi = summary[clock]
-    result(f"1 overhead ratio on/off ({device.type}, {cfg.model.preset}, b{cfg.optim.batch_size}, {clock} time)",
+        for name, seconds in component_times(trainer, batch, saved, 30).items():
+            print(f"  {name:44s} {seconds * 1e3:8.3f} ms")
+    what = f"{device.type}, {cfg.model.preset}, b{cfg.optim.batch_size}, {clock} time"
+    median, q1, q3, lo, hi = summary["all", clock]
+    result(f"1 overhead ratio every default-on instrument / off ({what})",
            f"{median:.3f} (IQR {q1:.3f}-{q3:.3f}, CI {lo:.3f}-{hi:.3f})", f"<= {goal}",
            verdict(None if args.quick else median <= goal))
+    median, q1, q3, lo, hi = summary["grad", clock]
+    result(f"1 overhead ratio gradient probe + kNN enqueue / off ({what})",
+           f"{median:.3f} (IQR {q1:.3f}-{q3:.3f}, CI {lo:.3f}-{hi:.3f})")
+    for arm in ADDITIONS:
+        median, q1, q3, lo, hi = summary[arm, clock, "grad"]
+        result(f"1 probe cost {arm} / grad ({what})", f"{median:.4f} (CI {lo:.4f}-{hi:.4f})")
     return 0
 
 

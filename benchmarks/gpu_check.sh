@@ -2,17 +2,19 @@
 # Figures 1, 2 and 6 of docs/benchmarks.md on one NVIDIA GPU, in under 8 minutes, as one table.
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine, from anywhere
-#   bash benchmarks/gpu_check.sh --dry-run    # same scripts, --quick, on the CPU, with pandas,
-#                                             #   pyarrow, omegaconf, plotly, scipy, matplotlib,
+#   bash benchmarks/gpu_check.sh --dry-run    # same scripts, --quick, on the CPU, with
+#                                             #   pyarrow, omegaconf, plotly, matplotlib,
 #                                             #   scikit-learn and faiss made unimportable
 #
-# Needs only python with torch (CUDA), timm and numpy (and what they pull in: torchvision,
+# Needs only python with torch (CUDA), timm, numpy, and pandas and scipy (the trainer's online
+# spike detector is analysis.StreamingSpikeDetector; and what they pull in: torchvision,
 # pillow, tqdm): it installs nothing, reaches no network, and puts the repository on
 # PYTHONPATH itself (no `pip install -e .` needed). Configs are built as trainer.config
 # dataclasses, so omegaconf is not needed; faiss and scikit-learn are used when present and
 # reported as "not installed" otherwise. Batches are fixed random tensors: no dataset needed.
 #
-#   1  bench_overhead.py   ViT-S/16, batch 256, bf16: instrumented / plain step time, A/B (goal <= 1.01)
+#   1  bench_overhead.py   ViT-S/16, batch 256, bf16: instrumented / plain step time, and each
+#                          probe's own cost, interleaved arms (goal <= 1.01 for the default-on ones)
 #   2  bench_knn.py        one queue-kNN evaluation (5,000 queries vs a 128,116-entry queue) and
 #                          its share of training time at knn.every=20 (goal <= 2%); backends
 #   6  bench_throughput.py images/s eager and with torch.compile
@@ -29,7 +31,7 @@ mkdir -p "$LOGS"
 
 if [ "${1:-}" = "--dry-run" ]; then
     BLOCK="$(mktemp -d)"
-    for mod in pandas pyarrow omegaconf plotly scipy matplotlib sklearn faiss; do
+    for mod in pyarrow omegaconf plotly matplotlib sklearn faiss; do
         mkdir -p "$BLOCK/$mod"
         echo "raise ImportError('$mod is blocked by gpu_check.sh --dry-run')" > "$BLOCK/$mod/__init__.py"
     done
@@ -41,7 +43,7 @@ if [ "${1:-}" = "--dry-run" ]; then
     echo "dry run: CPU, --quick, with $(ls "$BLOCK" | tr '\n' ' ')unimportable"
 else
     MODEL=(--device cuda --model vit_small --img 224 --batch 256 --precision bf16)
-    OVERHEAD=(--pairs 30 --block 3 --warmup 10)
+    OVERHEAD=(--pairs 15 --block 3 --warmup 10)  # 7 arms: about 330 steps
     KNN=(--steps 10 --repeats 3)
     THROUGHPUT=(--compile both --steps 15)
     if ! command -v nvidia-smi >/dev/null; then

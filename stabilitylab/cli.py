@@ -1,4 +1,4 @@
-"""`stabilitylab` command line: train | report | analyze | compare | sweep | import | linprobe.
+"""`stabilitylab` command line: train | report | analyze | compare | sweep | import | linprobe | replay.
 
 User errors print one line to stderr and exit 2 (set STABILITYLAB_DEBUG=1 for a traceback).
 `report`, `analyze` and `compare` never import torch.
@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_import_parser(sub)
     add_linprobe_parser(sub)
+    from stabilitylab.replay import add_replay_parser
+
+    add_replay_parser(sub)
     for command_parser in sub.choices.values():  # so that a bad flag shows its own usage
         command_parser.set_defaults(command_parser=command_parser)
     return parser
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     handlers = {"train": cmd_train, "report": cmd_report, "analyze": cmd_analyze,
                 "compare": cmd_compare, "sweep": _cmd_sweep, "import": _cmd_import,
-                "linprobe": _cmd_linprobe}
+                "linprobe": _cmd_linprobe, "replay": _cmd_replay}
     try:
         with warnings.catch_warnings():
             warnings.showwarning = lambda message, *_, **__: print(
@@ -475,6 +478,12 @@ def _cmd_import(args) -> int:
     from stabilitylab.importers import cmd_import
 
     return cmd_import(args)
+
+
+def _cmd_replay(args) -> int:
+    from stabilitylab.replay import cmd_replay
+
+    return cmd_replay(args)
 
 
 def _cmd_linprobe(args) -> int:

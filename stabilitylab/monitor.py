@@ -30,6 +30,7 @@ import platform
 import socket
 import sys
 import time
+import weakref
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,6 +43,7 @@ import stabilitylab
 from stabilitylab.rundir import CONFIG_FILE, RunWriter, atomic_write_text, update_meta, utc_now, write_meta
 from stabilitylab.run import is_run_dir
 from trainer.probes import GradientProbe, unwrap
+from trainer.probes_optim import OptimizerStateProbe
 
 
 class Monitor:
@@ -62,6 +64,9 @@ class Monitor:
     every: per-group norms every `every` steps (steps rows are written every step; their
         grad_norm only on those steps).
     update_norms: also ||theta_t - theta_{t-1}|| per group (one copy of the trained weights).
+    optim_state: with an `optimizer`, also its state per group on the logged steps (the
+        `layers` optimizer-state columns of `trainer.probes_optim`, the trainer's code),
+        taken by a step pre-hook on the optimizer, so after any clipping.
     per_param: one layer row per parameter instead of per group.
     scaler: the torch.amp.GradScaler of an fp16 run: its scale is logged as loss_scale and
         steps whose gradients are not finite are marked skipped (as the scaler skips them).
@@ -75,7 +80,7 @@ class Monitor:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  run_dir: str | os.PathLike | None = None, *, config: Any = None,
                  resume: bool = False, groups: Mapping[str, str] | None = None, every: int = 1,
-                 update_norms: bool = True, per_param: bool = False, scaler=None,
+                 update_norms: bool = True, optim_state: bool = True, per_param: bool = False, scaler=None,
                  batch_size: int | None = None, flush_every_steps: int = 500,
                  flush_every_s: float = 60.0, rank: int | None = None, source: str = "Monitor"):
         if every < 1:
@@ -92,8 +97,14 @@ class Monitor:
         self._closed = False
         if not self.active:
             return
+        capacity = flush_every_steps // every + 1
         self.probe = GradientProbe(model, per_param=per_param, update_norms=update_norms,
-                                   capacity=flush_every_steps // every + 1, groups=groups)
+                                   capacity=capacity, groups=groups)
+        self.optim_probe, self._optim_hook, self._optim_step = None, None, None
+        if optimizer is not None and optim_state:
+            self.optim_probe = OptimizerStateProbe(model, optimizer, per_param=per_param,
+                                                   capacity=capacity, groups=groups)
+            self._optim_hook = _stepping(optimizer).register_step_pre_hook(_weak_hook(self))
         grouping = self.probe.grouping
         self._resuming = resume and is_run_dir(self.run_dir)
         if self.run_dir.exists() and any(self.run_dir.iterdir()) and not self._resuming:
@@ -185,6 +196,8 @@ class Monitor:
         if not self.active or self._closed:
             return
         self._closed = True
+        if self._optim_hook is not None:
+            self._optim_hook.remove()
         if self._pending is not None:
             self._finish_pending(lr=None, loss=None, epoch=None)
         if self.writer is not None:
@@ -222,10 +235,22 @@ class Monitor:
             raise RuntimeError("call scaler.unscale_(optimizer) before Monitor.after_backward: "
                                "the norms must be of the unscaled gradients")
 
+    def _before_optimizer_step(self) -> None:
+        """Step pre-hook of the optimizer: its state and gradients as this update meets them."""
+        row = self._pending
+        if row is not None and row["logged"] and self._optim_step != row["step"]:
+            self.optim_probe.before_step(row["step"])
+            self._optim_step = row["step"]
+
     def _finish_pending(self, lr, loss, epoch) -> None:
         row, self._pending = self._pending, None
         if row["logged"]:
             self.probe.record_update()
+            if self.optim_probe is not None:
+                if self._optim_step != row["step"]:  # the optimizer skipped this step (fp16 inf)
+                    self.optim_probe.before_step(row["step"])
+                self.optim_probe.after_step()
+                self._optim_step = None
         now = time.perf_counter()
         step_time = None if self._last_step_end is None else now - self._last_step_end
         self._last_step_end = now
@@ -243,13 +268,16 @@ class Monitor:
     def _flush_if_due(self) -> None:
         last = self._rows[-1]["step"] if self._rows else None
         if self.writer is not None and last is not None and (
-                self.probe.full or self.writer.should_flush(last)):
+                self.probe.full or (self.optim_probe is not None and self.optim_probe.full)
+                or self.writer.should_flush(last)):
             self._write_buffered()
             self.writer.flush(last)
 
     def _write_buffered(self) -> None:
         """Steps rows and the probe's buffer into the writer (one device->host copy each)."""
         layers = self.probe.drain()
+        if self.optim_probe is not None:  # the same logged steps and groups, row for row
+            layers.update({k: v for k, v in self.optim_probe.drain().items() if k not in ("step", "layer")})
         if len(layers["step"]):
             self.writer.append("layers", layers)
         if not self._rows:
@@ -275,6 +303,25 @@ class Monitor:
             elif is_logged and not scaled and not math.isfinite(g):
                 self.writer.event(r["step"], "nonfinite_grad",
                                   f"grad_norm={g:.4g}; the optimizer stepped on it")
+
+
+def _weak_hook(monitor: "Monitor"):
+    """The optimizer step pre-hook, holding the Monitor weakly: no reference cycle keeps an
+    abandoned Monitor (and its run directory's lock) alive."""
+    ref = weakref.ref(monitor)
+
+    def hook(*_):
+        if (alive := ref()) is not None:
+            alive._before_optimizer_step()
+    return hook
+
+
+def _stepping(optimizer):
+    """The torch optimizer whose step() runs: wrappers (accelerate's AcceleratedOptimizer,
+    Lightning's LightningOptimizer) hold it as `.optimizer`."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def _detach(value):

@@ -54,6 +54,12 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("grad_max_abs", pa.float32()),
         ("param_l2", pa.float32()),
         ("update_l2", pa.float32()),
+        # optimizer state (trainer/probes_optim.py), null where the optimizer keeps none
+        ("adam_freshness", pa.float32()),
+        ("adam_small_v_frac", pa.float32()),
+        ("update_rms_over_lr", pa.float32()),
+        ("update_cos_neg_grad", pa.float32()),
+        ("lars_trust_ratio", pa.float32()),
     ]),
     "knn": pa.schema([
         ("step", pa.int64()),
@@ -64,12 +70,23 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("top5", pa.float64()),
         ("bank_size", pa.int64()),
         ("n_queries", pa.int64()),
+        ("effective_rank", pa.float64()),
+        ("feature_std", pa.float64()),
     ]),
     "events": pa.schema([
         ("step", pa.int64()),
         ("kind", pa.string()),
         ("detail", pa.string()),
         ("time", TIMESTAMP),
+        ("layer", pa.string()),  # spike events: the layer and its ratio over the running median
+        ("ratio", pa.float64()),
+    ]),
+    "attention": pa.schema([
+        ("step", pa.int64()),
+        ("layer", LAYER_TYPE),
+        ("entropy_mean", pa.float32()),
+        ("entropy_min", pa.float32()),
+        ("max_logit", pa.float32()),
     ]),
     "linear": pa.schema([  # written by `stabilitylab linprobe`, one row per probe
         ("step", pa.int64()),  # the probed checkpoint's step
@@ -703,7 +720,9 @@ def _bad_part(message: str, lenient: bool) -> None:
 
 def _to_pandas(table: pa.Table) -> pd.DataFrame:
     df = table.to_pandas()
-    if "layer" in df.columns:  # categories in model order = order of first appearance
+    if isinstance(df.get("layer", pd.Series()).dtype, pd.CategoricalDtype):
+        # the dictionary-encoded layer columns (layers, attention): categories in model
+        # order = order of first appearance; events' optional layer stays plain text
         layer = df["layer"].cat.remove_unused_categories()
         first_seen = layer.cat.categories[pd.unique(layer.cat.codes.to_numpy())]
         df["layer"] = layer.cat.reorder_categories(first_seen, ordered=True)

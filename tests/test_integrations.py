@@ -46,6 +46,7 @@ def test_lightning_run_directory(tmp_path):
                         callbacks=[StabilityMonitor(tmp_path / "run", metrics={"val_acc": "val"})])
     trainer.fit(Classifier(), loader(), loader())
     run = sl.load_run(tmp_path / "run")
+    assert run.layers["update_rms_over_lr"].notna().all()  # the optimizer-state probe saw every step
     assert run.meta["status"] == "finished" and run.meta["source"] == "lightning"
     assert run.steps["step"].tolist() == list(range(6))  # optimizer steps, not micro-batches
     assert list(run.grad_norms().columns) == ["patch_embed", "cls_token", "pos_embed", "blocks.0",
@@ -87,6 +88,7 @@ def test_huggingface_trainer_run_directory(tmp_path):
     plain = fit("plain", [])
     monitored = fit("monitored", [StabilityCallback(tmp_path / "run", metrics={"eval_accuracy": "val"})])
     run = sl.load_run(tmp_path / "run")
+    assert run.layers["update_rms_over_lr"].notna().all()  # the optimizer-state probe saw every step
     assert run.meta["status"] == "finished" and run.meta["norms"] == "before gradient clipping"
     assert list(run.grad_norms().columns) == ["embeddings", "blocks.0", "blocks.1", "pooler", "classifier"]
     logged = [h for h in monitored.state.log_history if "grad_norm" in h]

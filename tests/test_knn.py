@@ -1,4 +1,5 @@
-"""kNN monitor: scikit-learn reference, faiss == torch, accuracy, FIFO queue, resume."""
+"""kNN monitor: scikit-learn reference, faiss == torch, accuracy, FIFO queue, resume; the
+representation columns (RankMe effective rank, std of normalised features) against numpy."""
 import sys
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.knn import KnnMonitor, knn_accuracy, knn_predict
+from trainer.knn import KnnMonitor, effective_rank, feature_std, knn_accuracy, knn_predict
 
 T = 0.07
 
@@ -107,3 +108,18 @@ def test_state_dict_round_trip():
     with pytest.raises(ValueError, match="shape"):
         KnnMonitor(queue_size=32, feature_dim=16, num_classes=10).load_state_dict(
             monitor.state_dict())
+
+
+def test_effective_rank_and_feature_std_against_numpy():
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.randn(500, 16, generator=gen)
+    collapsed = torch.randn(1, 16, generator=gen) + 1e-4 * spread  # every feature at one point
+    for features in (spread, collapsed):
+        x = features.double().numpy()
+        s = np.linalg.svd(x, compute_uv=False)
+        p = s / s.sum() + 1e-7
+        assert effective_rank(features) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-5)
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+        assert feature_std(features) == pytest.approx(unit.std(axis=0, ddof=1).mean(), rel=1e-5)
+    assert effective_rank(spread) > 14 and effective_rank(collapsed) < 1.1  # RankMe: 16 vs 1 direction
+    assert feature_std(spread) == pytest.approx(16 ** -0.5, rel=0.1) and feature_std(collapsed) < 1e-3

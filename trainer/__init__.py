@@ -4,7 +4,8 @@
 (`trainer.config.TrainConfig`) and the run writer. Paper concepts, one module each:
 model (backbone + patch-projection variants), heads, moco (loss, momentum update), simclr and
 byol (the other methods, picked by `methods.build_method`), linprobe (linear probing),
-probes (per-layer gradient statistics), knn (dense kNN monitor), schedules, optim, data.
+probes (per-layer gradient statistics), probes_optim (optimizer state), probes_attention
+(attention entropy and logits), knn (dense kNN monitor), schedules, optim, data.
 
 Exports load lazily so that `trainer.config` (plain dataclasses) can be read without torch.
 """

@@ -41,6 +41,7 @@ CHOICES = {
     "data.augment": ("mocov3", "none"),
     "knn.backend": ("auto", "faiss", "torch"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
+    "on_spike": ("log", "checkpoint", "skip"),
 }
 
 
@@ -84,7 +85,9 @@ RANGES = {
     "knn.val_size": AT_LEAST_ONE, "knn.full_every_epochs": NON_NEGATIVE, "knn.full_every_steps": AT_LEAST_ONE,
     "knn.bank_size": AT_LEAST_ONE, "knn.full_queries": AT_LEAST_ONE,
     "log.every": NON_NEGATIVE, "log.flush_every_steps": AT_LEAST_ONE, "log.flush_every_s": POSITIVE,
+    "log.attention_every": NON_NEGATIVE, "log.attention_samples": AT_LEAST_ONE, "max_spike_skips": AT_LEAST_ONE,
     "checkpoint.every_steps": AT_LEAST_ONE, "checkpoint.keep": NON_NEGATIVE,  # 0 keeps all
+    "checkpoint.keep_spikes": NON_NEGATIVE,
 }
 
 
@@ -168,15 +171,21 @@ class LogConfig:
     every: int = 1  # per-layer statistics every this many steps; 0 = none
     per_param: bool = False  # one row per parameter instead of per layer group
     update_norms: bool = True  # keep a copy of the weights to log ||theta_t - theta_{t-1}||
+    optim_state: bool = True  # optimizer-state columns in `layers` (adam_freshness, ...: trainer/probes_optim.py)
+    attention_every: int = 10  # `attention` table rows every this many steps; 0 = none (and with compile)
+    attention_samples: int = 8  # images of each probed batch's first view the attention probe looks at
+    spike_detect: bool = True  # online spike detector on each logged step's per-layer grad_l2 (needs every > 0)
+    spike_rule: Optional[str] = None  # its analysis.SpikeRule text; None = analysis.DEFAULT_RULE
     flush_every_steps: int = 500
     flush_every_s: float = 60.0
-    progress: bool = True
+    progress: bool = True  # the progress bar and the spike lines above it
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 500
     keep: int = 2  # newest checkpoints kept; 0 keeps all
+    keep_spikes: int = 5  # on_spike=checkpoint: newest pre-spike checkpoints kept in RUN_DIR/spikes/; 0 keeps all
 
 
 @dataclass
@@ -186,6 +195,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16
     max_nonfinite_steps: int = 20  # consecutive skipped steps before the run stops
+    on_spike: str = "log"  # log | checkpoint (the state before the spiking update) | skip (drop that update)
+    max_spike_skips: int = 10  # on_spike=skip: consecutive skipped updates before the run stops
     compile: bool = False
     threads: Optional[int] = None  # torch CPU threads; None: torch default
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -227,6 +238,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"model.img_size={m.img_size} is not a multiple of model.patch_size={m.patch_size}")
     if m.embed_dim % m.num_heads:
         raise ValueError(f"model.embed_dim={m.embed_dim} is not a multiple of model.num_heads={m.num_heads}")
+    if cfg.log.spike_rule is not None:
+        from analysis.spikes import SpikeRule  # only when set: reading a config needs no pandas
+
+        try:
+            SpikeRule.parse(cfg.log.spike_rule)
+        except ValueError as exc:
+            raise ValueError(f"log.spike_rule: {exc}") from None
     return cfg
 
 

@@ -101,6 +101,26 @@ def knn_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, flo
     return top1.float().mean().item(), top5.float().mean().item()
 
 
+def effective_rank(features: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023) of an (n, d) feature matrix: exp of the entropy of its
+    singular values normalised to sum 1 (plus `eps`, as in the paper); from 1 (collapsed to a
+    line) to min(n, d) (all directions used equally)."""
+    singular = torch.linalg.svdvals(features.float())
+    p = singular / singular.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def feature_std(features: torch.Tensor) -> float:
+    """Std over samples of the L2-normalised features, averaged over dimensions (SimSiam's
+    collapse check): about 1/sqrt(d) when the features spread over the sphere, 0 when collapsed."""
+    return float(F.normalize(features.float(), dim=1).std(dim=0).mean())
+
+
+def feature_stats(features: torch.Tensor) -> dict:
+    """The representation columns of a `knn` row: effective_rank and feature_std."""
+    return {"effective_rank": effective_rank(features), "feature_std": feature_std(features)}
+
+
 class KnnMonitor:
     """FIFO queue of L2-normalised training features + labels on the device, for kNN accuracy.
 

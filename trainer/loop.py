@@ -1,10 +1,12 @@
 """The instrumented MoCo v3 training loop (`trainer.train`).
 
 One optimizer step: lr and m from their per-iteration schedules -> forward both views
-(momentum update inside, as the official code) -> backward -> unscale -> per-layer gradient
-probe (before any clipping) -> finiteness check (one host sync) -> optional patch-projection
-clipping -> optimizer step -> update norms. Every `knn.every` steps the dense kNN monitor
-classifies a fixed held-out subset against the queue of training features.
+(momentum update inside, as the official code; the attention probe looks at it every
+`log.attention_every` steps) -> backward -> unscale -> per-layer gradient probe (before any
+clipping) -> finiteness check (one host sync) -> online spike detector on the per-layer norms
+(`on_spike`: log, keep the pre-update state, or skip the update) -> optional patch-projection
+clipping -> optimizer-state probe -> optimizer step -> update norms. Every `knn.every` steps
+the dense kNN monitor classifies a fixed held-out subset against the queue of training features.
 
 The caller hands in a writer (see stabilitylab.rundir.RunWriter: append / event /
 should_flush / flush / update_meta); only rank 0 gets one.
@@ -12,6 +14,7 @@ should_flush / flush / update_meta); only rank 0 gets one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import signal
 import threading
@@ -25,16 +28,21 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from analysis.spikes import StreamingSpikeDetector
 from trainer import distributed as dist_utils
 from trainer.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, config_differences
 from trainer.data import ResumableSampler, build_datasets, build_loader
-from trainer.knn import KnnMonitor, knn_accuracy, knn_predict
+from trainer.knn import KnnMonitor, feature_stats, knn_accuracy, knn_predict
 from trainer.methods import build_method
 from trainer.model import patch_proj_parameters
 from trainer.optim import build_optimizer
 from trainer.probes import GradientProbe
+from trainer.probes_attention import AttentionProbe
+from trainer.probes_optim import OptimizerStateProbe
 from trainer.schedules import lr_at, momentum_at
+
+SPIKE_CHECKPOINTS = "spikes"  # on_spike=checkpoint writes RUN_DIR/spikes/checkpoints/step-N.pt
 
 
 class UserError(RuntimeError):
@@ -103,9 +111,11 @@ def _set_rng_state(state: dict) -> None:
 class Trainer:
     """Holds the model, optimizer, data and instruments of one run."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, writer=None):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, writer=None, *, source: str = "stabilitylab train"):
+        """source: who trains, as the run's meta records it (a replay says so)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.source = source
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.rank, self.world, local_rank = dist_utils.setup(
@@ -150,10 +160,16 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.clip_params = patch_proj_parameters(self.model.backbone) if cfg.model.patch_proj == "clip" else []
-        log_rows = max(1, cfg.log.flush_every_steps // max(1, cfg.log.every) + 1)
-        self.probe = GradientProbe(self.model, per_param=cfg.log.per_param,
-                                   update_norms=cfg.log.update_norms, capacity=log_rows,
-                                   device=self.device)
+        self.build_probes()
+        every = cfg.log.attention_every
+        self.attention = (AttentionProbe(self.model.backbone, samples=cfg.log.attention_samples,
+                                         capacity=cfg.log.flush_every_steps // every + 1)
+                          if every > 0 and not cfg.compile else None)  # hooks and compile: not tested
+        self.spikes = (StreamingSpikeDetector(self.probe.layer_names, cfg.log.spike_rule)
+                       if cfg.log.spike_detect and cfg.log.every > 0 else None)
+        self.spike_skips = self.spike_skips_in_a_row = 0
+        self._last_good: dict | None = None  # on_spike=checkpoint: see _remember_last_good_state
+        self._spike_state: dict | None = None  # a pre-spike state waiting to be written
         self.knn = None
         if cfg.knn.enabled:
             queue_size = max(1, int(cfg.knn.queue_fraction * len(self.data.train)))
@@ -172,6 +188,35 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.step_rows: list[dict] = []
         self.last_top1 = float("nan")
+
+    # ------------------------------------------------------------------ probes
+
+    def build_probes(self) -> None:
+        """The per-layer probes over the parameters trained now (a replay that freezes some
+        builds them again)."""
+        cfg = self.cfg
+        rows = max(1, cfg.log.flush_every_steps // max(1, cfg.log.every) + 1)
+        self.probe = GradientProbe(self.model, per_param=cfg.log.per_param,
+                                   update_norms=cfg.log.update_norms, capacity=rows, device=self.device)
+        self.optim_probe = (OptimizerStateProbe(self.model, self.optimizer, per_param=cfg.log.per_param,
+                                                capacity=rows) if cfg.log.optim_state else None)
+
+    @property
+    def probes_full(self) -> bool:
+        """A probe buffer is full: flush before the next step."""
+        return any(p is not None and p.full for p in (self.probe, self.optim_probe, self.attention))
+
+    @contextlib.contextmanager
+    def _probing_attention(self):
+        """The attention probe looks at this step's forward every log.attention_every steps."""
+        probing = self.attention is not None and self.step % self.cfg.log.attention_every == 0
+        if probing:
+            self.attention.arm(self.step)
+        try:
+            yield
+        finally:
+            if probing:
+                self.attention.disarm()
 
     # ------------------------------------------------------------------ helpers
 
@@ -227,14 +272,16 @@ class Trainer:
         self.writer.append("knn", {
             "step": [self.step - 1], "epoch": [self._epoch(self.step)], "source": [source],
             "k": [result["k"]], "top1": [result["top1"]], "top5": [result["top5"]],
-            "bank_size": [result["bank_size"]], "n_queries": [result["n_queries"]]})
+            "bank_size": [result["bank_size"]], "n_queries": [result["n_queries"]],
+            "effective_rank": [result["effective_rank"]], "feature_std": [result["feature_std"]]})
 
     def evaluate_queue_knn(self) -> None:
         images, labels = self.knn_queries
-        result = self.knn.evaluate(self._embed(images.split(256)), labels)
+        features = self._embed(images.split(256))
+        result = self.knn.evaluate(features, labels)
         if result is not None:
             self.last_top1 = result["top1"]
-            self._knn_row("queue", result)
+            self._knn_row("queue", {**result, **feature_stats(features)})
 
     def _features_of_subset(self, subset, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and labels of a cached fixed subset, or of the whole dataset streamed."""
@@ -253,7 +300,7 @@ class Trainer:
                              num_classes=self.data.num_classes, backend=self.cfg.knn.backend)
         top1, top5 = knn_accuracy(scores, labels)
         self._knn_row("val", {"k": self.cfg.knn.k, "top1": top1, "top5": top5,
-                              "bank_size": len(bank), "n_queries": len(queries)})
+                              "bank_size": len(bank), "n_queries": len(queries), **feature_stats(queries)})
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -263,6 +310,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "knn": self.knn.state_dict() if self.knn else None, "rng": _rng_state(),
             "config": asdict(self.cfg), "world_size": self.world,
+            "spike_detector": self.spikes.state_dict() if self.spikes else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -274,6 +322,11 @@ class Trainer:
         _set_rng_state(state["rng"])
         self.step = state["step"]
         self.saved_step = self.step - 1
+        if self.spikes is not None and state.get("spike_detector") is not None:
+            try:
+                self.spikes.load_state_dict(state["spike_detector"])
+            except ValueError as exc:  # another rule or other layers: start afresh, say so
+                self.writer.event(self.step - 1, "spike_detector_reset", str(exc))
 
     def resume(self, checkpoint: Checkpoint, state: dict) -> None:
         """Continue from a loaded checkpoint; one that does not fit the configured model or
@@ -326,9 +379,102 @@ class Trainer:
             self.writer.append("steps", columns)
             self.step_rows.clear()
         layers = self.probe.drain()
+        if self.optim_probe is not None:
+            optim = self.optim_probe.drain()
+            assert np.array_equal(optim["step"], layers["step"]), "probes recorded different steps"
+            layers.update({k: v for k, v in optim.items() if k not in ("step", "layer")})
         if len(layers["step"]):
             self.writer.append("layers", layers)
+        if self.attention is not None:
+            self.writer.append("attention", self.attention.drain())
         self.writer.flush(self.step - 1)
+
+    # ------------------------------------------------------------------ online spike detection
+
+    def _watch_spikes(self) -> bool:
+        """Feed this step's per-layer grad_l2 to the online detector (one small device->host
+        copy, after the step's host sync); log the events that start here; with
+        on_spike=checkpoint keep the state before this update when a spike episode begins.
+        True when any layer is flagged at this step. Every rank runs it on the same
+        all-reduced gradients, so all ranks agree on on_spike=skip."""
+        was_spiking = bool(self.spikes.flagged.any())
+        started = self.spikes.update(self.step, self.probe.last_grad_l2().cpu().numpy())
+        if started:
+            self._log_spikes(started)
+            if self.cfg.on_spike == "checkpoint" and not was_spiking and self._last_good is not None:
+                self._spike_state = self._pre_update_state()
+        return bool(self.spikes.flagged.any())
+
+    def _log_spikes(self, started: list[dict]) -> None:
+        now = datetime.now(timezone.utc)
+        self.writer.append("events", {
+            "step": [e["step"] for e in started], "kind": ["spike"] * len(started),
+            "detail": [f"{e['layer']} {e['ratio']:.3g}x its running median" for e in started],
+            "time": [now] * len(started), "layer": [e["layer"] for e in started],
+            "ratio": [e["ratio"] for e in started]})
+        if self.is_main and self.cfg.log.progress:
+            tqdm.write(f"spike at step {self.step}: " + ", ".join(
+                f"{e['layer']} {e['ratio']:.1f}x" for e in started) + f" its running median ({self.spikes.rule})")
+
+    def _skip_spiking_update(self) -> None:
+        """on_spike=skip: this update is dropped (like OLMo-core's skip-step), logged and counted."""
+        self.spike_skips += 1
+        self.spike_skips_in_a_row += 1
+        layers = ", ".join(np.asarray(self.spikes.layers)[self.spikes.flagged])
+        self.writer.event(self.step, "skipped_step", f"on_spike=skip: {layers} spiking; update skipped")
+        self.writer.update_meta(spike_skips=self.spike_skips)
+
+    @torch.no_grad()
+    def _remember_last_good_state(self) -> None:
+        """on_spike=checkpoint, after every step: copy into memory what the next step changes
+        before its update -- the momentum encoder and buffers (its forward), the RNG, the
+        detector and the lr -- so that a spike found after that step's backward can be checkpointed as
+        the state before it. The trained weights, optimizer, scaler and kNN queue are still
+        untouched at that point, so they need no copy."""
+        if self._last_good is None:
+            trained = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            sources = {name: t for name, t in self.model.state_dict(keep_vars=True).items()
+                       if id(t) not in trained}
+            self._last_good = {"sources": sources,
+                               "tensors": {name: t.detach().clone() for name, t in sources.items()}}
+        else:
+            torch._foreach_copy_(list(self._last_good["tensors"].values()),
+                                 [t.detach() for t in self._last_good["sources"].values()])
+        self._last_good.update(step=self.step, rng=_rng_state(),
+                               lrs=[group["lr"] for group in self.optimizer.param_groups],
+                               spike_detector=self.spikes.state_dict() if self.spikes else None)
+
+    def _pre_update_state(self) -> dict:
+        """A checkpoint state equal to the one a save() after the previous step would write."""
+        state = copy.deepcopy(self.state_dict())
+        good = self._last_good
+        state["model"].update({name: t.clone() for name, t in good["tensors"].items()})
+        state.update(step=good["step"], rng=good["rng"], spike_detector=good["spike_detector"])
+        for group, lr in zip(state["optimizer"]["param_groups"], good["lrs"]):
+            group["lr"] = lr  # train_step set this step's lr already
+        return state
+
+    def _after_step_spike_policy(self) -> None:
+        """Between steps: stop after too many skipped updates in a row, write a pending
+        pre-spike checkpoint, and remember the state the next step starts from."""
+        cfg = self.cfg
+        if self.spike_skips_in_a_row >= cfg.max_spike_skips:
+            self.save()
+            raise UserError(f"{self.spike_skips_in_a_row} spiking updates skipped in a row at step "
+                            f"{self.step - 1} (on_spike=skip): the gradients did not come back to their "
+                            f"baseline; checkpoint saved (use on_spike=log, raise max_spike_skips, or "
+                            f"lower optim.base_lr)")
+        if self._spike_state is not None:
+            state, self._spike_state = self._spike_state, None
+            self._flush_logs()  # a checkpoint at step S promises every row up to S is on disk
+            saved = save_checkpoint(state, self.run_dir / SPIKE_CHECKPOINTS, state["step"] - 1,
+                                    keep=cfg.checkpoint.keep_spikes)
+            self.writer.event(state["step"] - 1, "spike_checkpoint",
+                              f"{SPIKE_CHECKPOINTS}/checkpoints/{saved.path.name}: the state before "
+                              f"step {state['step']}'s update")
+            self.writer.flush(self.step - 1)
+        if cfg.on_spike == "checkpoint" and self.is_main:
+            self._remember_last_good_state()
 
     # ------------------------------------------------------------------ one step
 
@@ -344,7 +490,7 @@ class Trainer:
             group["lr"] = lr
         x1 = x1.to(self.device, non_blocking=True)
         x2 = x2.to(self.device, non_blocking=True)
-        with self._autocast():
+        with self._autocast(), self._probing_attention():
             loss, features = self.forward(x1, x2, m)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -354,15 +500,22 @@ class Trainer:
         grad_norm = self.probe.record(self.step) if log_layers else self.probe.total_grad_norm()
         loss_mean = dist_utils.all_reduce_mean(loss.detach().float())
         finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_mean))  # the one host sync
+        spiking = self._watch_spikes() if log_layers and self.spikes is not None else False
+        skip = finite and spiking and cfg.on_spike == "skip"
         clipped = None
         if self.clip_params:
             clipped = float(min(torch.nn.utils.clip_grad_norm_(self.clip_params, cfg.model.patch_proj_clip),
                                 cfg.model.patch_proj_clip))
         if log_layers:
             self.probe.snapshot_params()
-        if finite:
-            self.scaler.step(self.optimizer)
+            if self.optim_probe is not None:
+                self.optim_probe.before_step(self.step)
+        if skip:
+            self._skip_spiking_update()
             self.nonfinite_in_a_row = 0
+        elif finite:
+            self.scaler.step(self.optimizer)
+            self.nonfinite_in_a_row = self.spike_skips_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
             self.writer.event(self.step, "nan_loss" if not torch.isfinite(loss_mean) else "skipped_step",
@@ -370,6 +523,8 @@ class Trainer:
         self.scaler.update()
         if log_layers:
             self.probe.record_update()  # a skipped step logs update_l2 = 0
+            if self.optim_probe is not None:
+                self.optim_probe.after_step()
         if self.knn is not None:
             feats = dist_utils.concat_all_gather(features.float())
             self.knn.enqueue(feats, dist_utils.concat_all_gather(labels.to(self.device)))
@@ -380,7 +535,7 @@ class Trainer:
             "patch_proj_grad_norm_clipped": clipped,
             "images_per_sec": cfg.optim.batch_size / elapsed, "step_time_s": elapsed,
             "loss_scale": float(self.scaler.get_scale()) if self.scaler.is_enabled() else None,
-            "skipped": not finite, "time": datetime.now(timezone.utc),
+            "skipped": not finite or skip, "time": datetime.now(timezone.utc),
         }
 
     # ------------------------------------------------------------------ the loop
@@ -422,13 +577,15 @@ class Trainer:
                                 else torch.cuda.get_device_name(self.device),
                                 world_size=self.world, precision=self.precision,
                                 total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-                                source="stabilitylab train",
+                                source=self.source,
                                 first_layer=self.probe.grouping.first_layer,
                                 last_block=self.probe.grouping.last_block)
         full_every = self._full_knn_every()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.log.progress and self.is_main),
                    unit="step", dynamic_ncols=True)
         previous_handlers = self._stop_at_step_boundary()
+        if cfg.on_spike == "checkpoint" and self.is_main:
+            self._remember_last_good_state()
         try:
             while self.step < self.total_steps:
                 epoch, start_batch = divmod(self.step, self.steps_per_epoch)
@@ -446,11 +603,12 @@ class Trainer:
                                         f"{self.step - 1}: the run diverged (lower optim.base_lr, or "
                                         f"use precision=fp32/bf16); newest finite checkpoint: "
                                         f"{saved.path.name if saved else 'none'}")
+                    self._after_step_spike_policy()
                     if self.knn is not None and self.is_main and self.step % cfg.knn.every == 0:
                         self.evaluate_queue_knn()
                     if full_every and self.step % full_every == 0 and self.is_main:
                         self.evaluate_full_knn()
-                    if self.probe.full or self.writer.should_flush(self.step - 1):
+                    if self.probes_full or self.writer.should_flush(self.step - 1):
                         self._flush_logs()
                     if self.step % cfg.checkpoint.every_steps == 0 and self.step < self.total_steps:
                         self.save()

@@ -58,6 +58,25 @@ def model_grouping(model: nn.Module, *, per_param: bool = False,
     return grouping.per_param() if per_param else grouping
 
 
+def named_grouping(named_params, *, per_param: bool = False,
+                   rules: Mapping[str, str] | None = None) -> tuple[Grouping, dict[str, nn.Parameter]]:
+    """The grouping and {name: parameter} of a model (wrappers stripped) or of an iterable of
+    (name, parameter), as `model_grouping` groups a model."""
+    if isinstance(named_params, nn.Module):
+        return model_grouping(named_params, per_param=per_param, rules=rules), dict(unwrap(named_params).named_parameters())
+    named = dict(named_params)
+    grouping = group_parameters(list(named), rules).restrict(n for n, p in named.items() if p.requires_grad)
+    return (grouping.per_param() if per_param else grouping), named
+
+
+def group_members(grouping: Grouping, named: Mapping[str, nn.Parameter]) -> tuple[list[nn.Parameter], list[int]]:
+    """The grouped parameters in group order and the index of each one's group: what every
+    probe reduces per group."""
+    position = {name: i for i, name in enumerate(grouping.names)}
+    members = [(named[param], position[group]) for group, params in grouping.groups for param in params]
+    return [p for p, _ in members], [i for _, i in members]
+
+
 def layer_groups(model: nn.Module, per_param: bool = False,
                  rules: Mapping[str, str] | None = None) -> list[tuple[str, list[str]]]:
     """[(group name, [param names])] in model order, trained parameters only.
@@ -82,17 +101,13 @@ class GradientProbe:
     def __init__(self, model: nn.Module, *, per_param: bool = False, update_norms: bool = True,
                  capacity: int = 1000, device: torch.device | str | None = None,
                  groups: Mapping[str, str] | None = None):
-        self.grouping = model_grouping(model, per_param=per_param, rules=groups)
+        self.grouping, named = named_grouping(model, per_param=per_param, rules=groups)
         if not self.grouping.groups:
             raise ValueError("the model has no trainable parameters to probe")
-        named = dict(unwrap(model).named_parameters())
         self.layer_names = self.grouping.names
-        position = {name: i for i, name in enumerate(self.layer_names)}
-        members = [(param, position[group]) for group, params in self.grouping.groups
-                   for param in params]
-        self.params = [named[param] for param, _ in members]
+        self.params, index = group_members(self.grouping, named)
         self.device = torch.device(device) if device is not None else self.params[0].device
-        self._group_index = torch.tensor([i for _, i in members], device=self.device)
+        self._group_index = torch.tensor(index, device=self.device)
         self.update_norms = update_norms
         self.capacity = capacity
         self._buffer = torch.full((capacity, len(self.layer_names), len(_COLUMNS)), math.nan,
@@ -153,6 +168,12 @@ class GradientProbe:
         row[:, 1] = self._per_group(grads, math.inf)
         self._steps.append(int(step))
         return row[:, 0].square().sum().sqrt()
+
+    def last_grad_l2(self) -> torch.Tensor:
+        """grad_l2 per group of the last recorded row (device tensor), for an online detector."""
+        if not self._steps:
+            raise RuntimeError("last_grad_l2() without a preceding record(step)")
+        return self._buffer[len(self._steps) - 1, :, 0]
 
     @torch.no_grad()
     def total_grad_norm(self) -> torch.Tensor:
