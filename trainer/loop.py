@@ -1,9 +1,11 @@
 """The instrumented MoCo v3 training loop (`trainer.train`).
 
-One optimizer step: lr and m from their per-iteration schedules -> forward both views
+One optimizer step: lr and m from their per-iteration schedules (written into device tensors:
+no host sync, and a compiled forward never recompiles for them) -> forward both views
 (momentum update inside, as the official code) -> backward -> unscale -> per-layer gradient
-probe (before any clipping) -> finiteness check (one host sync) -> optional patch-projection
-clipping -> optimizer step -> update norms. Every `knn.every` steps the dense kNN monitor
+probe (before any clipping) -> optional patch-projection clipping -> finiteness check (the one
+host sync: loss, gradient norm and clipped norm come back together) -> optimizer step ->
+update norms. Every `knn.every` steps the dense kNN monitor
 classifies a fixed held-out subset against the queue of training features.
 
 The caller hands in a writer (see stabilitylab.rundir.RunWriter: append / event /
@@ -12,6 +14,7 @@ should_flush / flush / update_meta); only rank 0 gets one.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from dataclasses import asdict
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -30,7 +34,7 @@ from trainer.data import ResumableSampler, build_datasets, build_loader
 from trainer.knn import KnnMonitor, knn_accuracy, knn_predict
 from trainer.model import patch_proj_parameters
 from trainer.moco import MoCo
-from trainer.optim import build_optimizer
+from trainer.optim import build_optimizer, set_lr
 from trainer.probes import GradientProbe
 from trainer.schedules import lr_at, momentum_at
 
@@ -71,9 +75,15 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def pick_precision(name: str, device: torch.device) -> str:
+    """precision=auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32."""
     if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
     if name not in ("fp32", "bf16", "fp16"):
         raise UserError(f"precision={name!r}: use auto, fp32, bf16 or fp16")
     return name
@@ -140,8 +150,9 @@ class Trainer:
         else:
             self.ddp = self.model
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self.momentum = torch.tensor(cfg.moco.m, device=self.device)  # refilled every step
         self.peak_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.clip_params = patch_proj_parameters(self.model.backbone) if cfg.model.patch_proj == "clip" else []
         log_rows = max(1, cfg.log.flush_every_steps // max(1, cfg.log.every) + 1)
@@ -168,10 +179,17 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
 
     def _autocast(self):
+        """Autocast for bf16 / fp16. On a CPU also torch's math attention kernel: there the
+        flash-attention backward in bf16 is several times slower than the whole rest of a
+        short-sequence ViT step (measured in docs/benchmarks.md, figure 6)."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+        if self.device.type == "cpu":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
 
     def _epoch(self, step: int) -> float:
         return step / self.steps_per_epoch
@@ -296,12 +314,12 @@ class Trainer:
                    epochs=cfg.optim.epochs, schedule=cfg.optim.schedule)
         m = momentum_at(self.step, m=cfg.moco.m, steps_per_epoch=self.steps_per_epoch,
                         epochs=cfg.optim.epochs, cosine=cfg.moco.m_cos)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
+        self.momentum.fill_(m)
         x1 = x1.to(self.device, non_blocking=True)
         x2 = x2.to(self.device, non_blocking=True)
         with self._autocast():
-            loss, features = self.forward(x1, x2, m)
+            loss, features = self.forward(x1, x2, self.momentum)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -309,11 +327,13 @@ class Trainer:
         log_layers = cfg.log.every > 0 and self.step % cfg.log.every == 0
         grad_norm = self.probe.record(self.step) if log_layers else self.probe.total_grad_norm()
         loss_mean = dist_utils.all_reduce_mean(loss.detach().float())
-        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_mean))  # the one host sync
-        clipped = None
-        if self.clip_params:
-            clipped = float(min(torch.nn.utils.clip_grad_norm_(self.clip_params, cfg.model.patch_proj_clip),
-                                cfg.model.patch_proj_clip))
+        fetched = [loss_mean, grad_norm.float()]
+        if self.clip_params:  # the norm before clipping, capped at the limit: what the step applied
+            clip = cfg.model.patch_proj_clip
+            fetched.append(torch.nn.utils.clip_grad_norm_(self.clip_params, clip).float().clamp(max=clip))
+        loss_value, grad_value, *clipped = torch.stack(fetched).tolist()  # the one host sync
+        clipped = clipped[0] if clipped else None
+        finite = math.isfinite(loss_value) and math.isfinite(grad_value)
         if log_layers:
             self.probe.snapshot_params()
         if finite:
@@ -321,18 +341,18 @@ class Trainer:
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
-            self.writer.event(self.step, "nan_loss" if not torch.isfinite(loss_mean) else "skipped_step",
-                              f"loss={float(loss_mean):.4g} grad_norm={float(grad_norm):.4g}; update skipped")
+            self.writer.event(self.step, "nan_loss" if not math.isfinite(loss_value) else "skipped_step",
+                              f"loss={loss_value:.4g} grad_norm={grad_value:.4g}; update skipped")
         self.scaler.update()
         if log_layers:
             self.probe.record_update()  # a skipped step logs update_l2 = 0
         if self.knn is not None:
             feats = dist_utils.concat_all_gather(features.float())
-            self.knn.enqueue(feats, dist_utils.concat_all_gather(labels.to(self.device)))
+            self.knn.enqueue(feats, dist_utils.concat_all_gather(labels.to(self.device, non_blocking=True)))
         elapsed = time.perf_counter() - started
         return {
             "step": self.step, "epoch": self._epoch(self.step + 1), "lr": lr, "momentum": m,
-            "loss": float(loss_mean), "grad_norm": float(grad_norm),
+            "loss": loss_value, "grad_norm": grad_value,
             "patch_proj_grad_norm_clipped": clipped,
             "images_per_sec": cfg.optim.batch_size / elapsed, "step_time_s": elapsed,
             "loss_scale": float(self.scaler.get_scale()) if self.scaler.is_enabled() else None,
