@@ -193,3 +193,35 @@ def test_layer_statistics_can_be_switched_off(tmp_path):
     _, run = run_tiny(tmp_path, "log.every=0", "optim.max_steps=3", "knn.enabled=false")
     assert len(run.steps) == 3 and run.steps["grad_norm"].notna().all()
     assert run.layers.empty
+
+
+def test_compiled_step_never_recompiles(tmp_path, monkeypatch):
+    """compile=true: lr and m change every step (warm-up, cosine momentum) but reach the
+    compiled forward as tensors, so dynamo compiles one graph once. torch.compile runs with
+    the aot_eager backend here (same graph capture and guards as inductor, no C++ build)."""
+    import functools
+
+    import torch._dynamo
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    counters.clear()
+    trainer, run = run_tiny(tmp_path, "compile=true", "optim.max_steps=5", "knn.every=2")
+    assert run.steps["lr"].nunique() == 5 and run.steps["momentum"].nunique() == 5
+    assert counters["frames"]["ok"] == 1 and counters["stats"]["unique_graphs"] == 1
+    assert run.steps["loss"].notna().all()
+    torch._dynamo.reset()
+
+
+def test_workers_pipeline_trains_too(tmp_path):
+    """data.pipeline=workers (PIL in the DataLoader workers) against the default device
+    pipeline: the same samples and (to float rounding) views, so nearly the same losses."""
+    on_device, device = run_tiny(tmp_path, "optim.max_steps=4", "knn.enabled=false", "precision=fp32",
+                                 name="device")
+    in_workers, workers = run_tiny(tmp_path, "optim.max_steps=4", "knn.enabled=false", "precision=fp32",
+                                   "data.pipeline=workers", name="workers")
+    assert on_device.cfg.data.pipeline == "device" and in_workers.cfg.data.pipeline == "workers"
+    np.testing.assert_allclose(workers.steps["loss"], device.steps["loss"], rtol=2e-2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 from dataclasses import asdict
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from trainer import distributed as dist_utils
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import ResumableSampler, build_datasets, build_loader
+from trainer.data import ResumableSampler, build_datasets, build_train_loader
 from trainer.knn import KnnMonitor, knn_accuracy, knn_predict
 from trainer.model import patch_proj_parameters
 from trainer.moco import MoCo
@@ -75,6 +76,12 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def cpu_threads(num_workers: int) -> int:
+    """torch threads for training on the CPU: the cores the data workers leave free (more
+    threads than free cores make OpenMP spin-wait, several times slower on a small machine)."""
+    return max(1, len(os.sched_getaffinity(0)) - num_workers)
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -110,13 +117,14 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, writer=None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         self.rank, self.world, local_rank = dist_utils.setup(
             "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
         self.is_main = self.rank == 0
         self.writer = writer if (writer is not None and self.is_main) else NullWriter()
         self.device = pick_device(cfg.device, local_rank)
+        threads = cfg.threads or (cpu_threads(cfg.data.num_workers) if self.device.type == "cpu" else None)
+        if threads:
+            torch.set_num_threads(threads)
         self.precision = pick_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -133,8 +141,7 @@ class Trainer:
         self.sampler = ResumableSampler(len(self.data.train), self.local_batch, seed=cfg.seed,
                                         rank=self.rank, world_size=self.world)
         self.steps_per_epoch = self.sampler.batches_per_epoch
-        self.loader = build_loader(self.data.train, self.sampler, self.local_batch,
-                                   cfg.data.num_workers, self.device)
+        self.loader = build_train_loader(self.data, cfg.data, self.sampler, self.local_batch, self.device)
         # the schedules always span optim.epochs; optim.max_steps only stops early
         self.schedule_steps = max(1, round(cfg.optim.epochs * self.steps_per_epoch))
         self.total_steps = min(self.schedule_steps, cfg.optim.max_steps or self.schedule_steps)
