@@ -4,7 +4,8 @@ against an official-style step, end to end against a fixed batch, and the input 
     python benchmarks/bench_throughput.py --quick       # narrowed tiny model, a few steps (< 1 min)
     python benchmarks/bench_throughput.py               # CPU preset: the figures below (~3 min)
     python benchmarks/bench_throughput.py --device cuda --model vit_small --img 224 \\
-        --batch 256 --compile both --pipeline both --jpegs 1024    # ViT-S/16 on one GPU
+        --batch 256 --compile both --pipeline both --jpegs 1024 \\
+        --set data.num_workers=6                        # ViT-S/16 on one GPU
 
 Every figure is measured in this one run, its arms alternating in blocks (AB, BA, ...); each
 pair of blocks gives one ratio and the script prints the median with its interquartile range.
@@ -263,8 +264,11 @@ def main(argv=None) -> int:
                                                    "10 when compiling)")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="off",
                         help="torch.compile arms (cfg compile=true): off, on, or both eager and compiled")
-    parser.add_argument("--pipeline", choices=("device", "workers", "both", "none"), default="device",
-                        help="input pipeline(s) for the end-to-end figure (none: skip it)")
+    parser.add_argument("--parts", default="step,pipeline",
+                        help="figures to measure: step (ours / reference, compile), pipeline (end to "
+                             "end / fixed batch, pipeline alone); default both")
+    parser.add_argument("--pipeline", choices=("device", "workers", "both"), default="device",
+                        help="input pipeline(s) of the end-to-end figures (default device)")
     parser.add_argument("--jpegs", type=int, default=0,
                         help="end to end on N generated JPEGs of ImageNet-like sizes instead of the "
                              "CIFAR sample (use with --img 224)")
@@ -274,8 +278,12 @@ def main(argv=None) -> int:
     block = args.block or (2 if args.quick else 3)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     warmup = args.warmup or (10 if True in modes else 1 if args.quick else 3)
-    ours_vs_reference(args, modes, rounds, block, warmup)
-    if args.pipeline != "none":
+    parts = set(args.parts.split(","))
+    if parts - {"step", "pipeline"}:
+        parser.error(f"--parts takes step and/or pipeline, not {args.parts!r}")
+    if "step" in parts:
+        ours_vs_reference(args, modes, rounds, block, warmup)
+    if "pipeline" in parts:
         pipelines = ["device", "workers"] if args.pipeline == "both" else [args.pipeline]
         with tempfile.TemporaryDirectory() as tmp:
             data_path = str(write_jpegs(Path(tmp), args.jpegs)) if args.jpegs else None

@@ -34,7 +34,8 @@ def images(n: int, seed: int = 0, size: int = SIZE) -> list[Image.Image]:
 
 
 def as_batch(imgs) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1) for i in imgs]).float() / 255
+    """uint8 (N, 3, H, W), as the decoded split holds images."""
+    return torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1) for i in imgs])
 
 
 class WorkerRecorder:
@@ -124,12 +125,35 @@ def test_batched_kernels_match_torchvision_per_image(view):
             rows.append(plan.sample(SIZE, SIZE))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            expected.append(reference(v2.functional.to_image(x)))
+            expected.append(reference(v2.functional.to_image(x.float() / 255)))
     ours = plan.apply(batch, torch.stack(rows))
     diff = (ours - torch.stack(expected)).abs()
     assert ours.shape == (48, 3, SIZE, SIZE)
     assert diff[..., 1:-1, 1:-1].median() < 1e-4 and diff.mean() < 0.03  # normalized units, ~4 std
     assert (diff.flatten(1).mean(1) < 0.1).all()  # every image close, not just most
+
+
+def test_images_of_their_own_sizes_take_the_same_kernels():
+    """A streamed batch (a list of images, each cut to its crop before it turns float) gives
+    what the decoded batch gives; images of other sizes get crops of their own size."""
+    plan = TwoViewPlan(RECIPE)
+    imgs = images(16, seed=3)
+    rows = []
+    for seed in seeds(16):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            rows.append(plan.sample(SIZE, SIZE))
+    p1, p2 = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    batch = as_batch(imgs)
+    for a, b in zip(plan.apply(batch, p1, p2), plan.apply(list(batch), p1, p2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    big = as_batch(images(2, size=96))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        row = plan.first.sample(96, 96)
+    height, width = row[2].item(), row[3].item()
+    assert 0.08 * 0.8 * 96**2 <= height * width and max(height, width) <= 96  # a box of the big image
+    assert plan.first.apply([big[0], big[1]], torch.stack([row, row])).shape == (2, 3, SIZE, SIZE)
 
 
 def output_statistics(views: torch.Tensor) -> dict[str, np.ndarray]:

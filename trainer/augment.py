@@ -21,7 +21,8 @@ the parameter rows on the host, so the batch is only indexed, never tested on th
 host sync. Pixels stay float in [0, 1] between steps, where the worker pipeline rounds to
 uint8 after each PIL operation.
 
-kornia is an optional dependency (`pip install stabilitylab[kornia]`), imported here only.
+kornia is an optional dependency (`pip install stabilitylab[kornia]`), imported here only;
+without it `data.pipeline=device` falls back to the workers pipeline with a warning.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from torchvision.transforms import v2
 
 try:
     import kornia
-except ImportError:  # reported by require_kornia when the device pipeline is asked for
+except ImportError:  # trainer.data.build_train_loader then runs the workers pipeline
     kornia = None
 
 class _CentreSquare:
@@ -63,12 +64,6 @@ COLUMNS = {
 _KIND = {v2.RandomResizedCrop: "crop", v2.ColorJitter: "jitter", v2.RandomGrayscale: "grayscale",
          v2.GaussianBlur: "blur", v2.RandomSolarize: "solarize", v2.RandomHorizontalFlip: "flip"}
 _PASSIVE = (v2.ToImage, v2.ToDtype, v2.ToPureTensor)  # conversions the batch does not need
-
-
-def require_kornia() -> None:
-    if kornia is None:
-        raise ImportError("data.pipeline=device needs kornia: pip install kornia "
-                          "(or pip install 'stabilitylab[kornia]'), or use data.pipeline=workers")
 
 
 class ViewPlan:
@@ -140,7 +135,7 @@ class ViewPlan:
     def apply(self, images, params: torch.Tensor) -> torch.Tensor:
         """The view of each image: float (B, 3, *size), normalized.
 
-        images: float in [0, 1] on the device, (B, 3, H, W) or a list of B (3, h_i, w_i);
+        images: uint8 on the device, (B, 3, H, W) or a list of B (3, h_i, w_i);
         params: (B, width) rows from `sample`, on the CPU.
         """
         params = params.cpu()
@@ -171,18 +166,25 @@ class ViewPlan:
         return x
 
     def _crop(self, images, crop: torch.Tensor) -> torch.Tensor:
-        """Crop boxes (top, left, height, width) resized to the view size, by roi_align in
-        pixel-centre ("aligned") coordinates, as torchvision's crop + bilinear resize samples."""
+        """Crop boxes (top, left, height, width) resized to the view size, float in [0, 1], by
+        roi_align in pixel-centre ("aligned") coordinates, as torchvision's crop + bilinear
+        resize samples. Images of their own sizes (a list) are cut to their box plus a pixel of
+        margin before they turn float, so a large photo costs what its crop costs."""
         top, left, height, width = crop.unbind(1)
         boxes = torch.stack([left, top, left + width, top + height], dim=1)
         if isinstance(images, torch.Tensor):
+            x = images.float().div_(255)
             index = torch.arange(len(boxes), dtype=boxes.dtype)[:, None]
-            boxes = torch.cat([index, boxes], dim=1).to(images.device, images.dtype, non_blocking=True)
-            return roi_align(images, boxes, self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        return torch.cat([
-            roi_align(image[None], [box[None].to(image.device, image.dtype, non_blocking=True)], self.size,
-                      spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-            for image, box in zip(images, boxes)])
+            boxes = torch.cat([index, boxes], dim=1).to(x.device, x.dtype, non_blocking=True)
+            return roi_align(x, boxes, self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        views = []
+        for image, (t, l, h, w) in zip(images, crop.long().tolist()):
+            y0, x0 = max(t - 1, 0), max(l - 1, 0)
+            part = image[:, y0:t + h + 1, x0:l + w + 1].float().div_(255)
+            box = torch.tensor([[l - x0, t - y0, l - x0 + w, t - y0 + h]], dtype=part.dtype, device=part.device)
+            views.append(roi_align(part[None], [box], self.size, spatial_scale=1.0, sampling_ratio=-1,
+                                   aligned=True))
+        return torch.cat(views)
 
     @staticmethod
     def _jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -462,11 +462,15 @@ def _cached_folder(folder: datasets.ImageFolder, skip_bad_images: bool, cache_di
         decoded = _decode_all(folder, skip_bad_images, folder.root)
         if decoded is None:
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"images": decoded.images, "labels": decoded.labels,
-                    "bad": sorted(decoded.bad.items())}, partial)
-        os.replace(partial, path)  # atomic: concurrent runs never read half a file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"images": decoded.images, "labels": decoded.labels,
+                        "bad": sorted(decoded.bad.items())}, partial)
+            os.replace(partial, path)  # atomic: concurrent runs never read half a file
+        except OSError as e:  # a cache that cannot be written costs a decode next time, nothing more
+            warnings.warn(f"cannot write the decoded images to {path} ({e}); set data.cache_dir "
+                          f"to a writable folder to decode them only once")
     if decoded.bad and not skip_bad_images:
         raise BadImageError(next(iter(decoded.bad.values())), "unreadable when the split was decoded")
     return decoded
@@ -577,10 +581,9 @@ def make_views(batch: dict, plan, images: torch.Tensor | None, device: torch.dev
     """Both views of a TwoViewBatches batch on `device`, from the decoded split `images` (on
     that device) or from the batch's encoded files."""
     if images is not None:
-        source = images[batch["index"].to(images.device, non_blocking=True)].float().div_(255)
+        source = images[batch["index"].to(images.device, non_blocking=True)]
     else:
-        datas, paths = batch["encoded"]
-        source = [img.float().div_(255) for img in decode_on(datas, paths, device)]
+        source = decode_on(*batch["encoded"], device)
     return plan.apply(source, batch["params1"], batch["params2"])
 
 
@@ -600,16 +603,18 @@ class DeviceViewLoader:
 def build_train_loader(data: Datasets, data_cfg: DataConfig, sampler: ResumableSampler, batch_size: int,
                        device: str | torch.device):
     """The training batches of `data_cfg.pipeline`: the workers DataLoader (`build_loader`), or
-    the device pipeline (`DeviceViewLoader`): decoded once, augmented a batch at a time."""
+    the device pipeline (`DeviceViewLoader`): decoded once, augmented a batch at a time. The
+    device pipeline needs kornia; without it the workers pipeline runs, with a warning."""
+    from trainer import augment
+
     device = torch.device(device)
-    if data_cfg.pipeline == "workers":
+    if data_cfg.pipeline == "device" and augment.kornia is None:
+        warnings.warn("data.pipeline=device needs kornia (pip install kornia); using data.pipeline=workers")
+    if data_cfg.pipeline == "workers" or augment.kornia is None:
         return build_loader(data.train, sampler, batch_size, data_cfg.num_workers, device)
     from torch.utils.data import BatchSampler
 
-    from trainer.augment import TwoViewPlan, require_kornia
-
-    require_kornia()
-    plan = TwoViewPlan(data.train.transform)
+    plan = augment.TwoViewPlan(data.train.transform)
     base, skip = data.train.base, data.train.skip_bad_images
     decoded = decode_split(base, skip, data_cfg.cache_dir)
     if decoded is None and not isinstance(base, datasets.ImageFolder):
