@@ -117,3 +117,13 @@ def test_unreadable_training_image_is_named_in_one_line(tmp_path):
     assert "broken.jpg" in result.stderr and "skip_bad_images" in result.stderr
     assert "Traceback" not in result.stderr
     assert '"status": "failed"' in (tmp_path / "run" / "meta.json").read_text()
+
+
+def test_default_yaml_spells_out_the_built_in_defaults():
+    """configs/default.yaml is the CPU preset that `stabilitylab train` runs with no arguments:
+    every value it lists is the built-in default (so the two cannot drift apart)."""
+    from dataclasses import asdict
+
+    from stabilitylab.config import load_config
+
+    assert asdict(load_config("default", [])) == asdict(load_config(None, []))

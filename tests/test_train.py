@@ -51,7 +51,9 @@ def test_a_run_writes_every_table(tmp_path):
     queue = run.knn[run.knn["source"] == "queue"]
     assert queue["step"].tolist() == list(range(1, n, 2))
     assert (queue["n_queries"] == 48).all() and queue["top1"].between(0, 1).all()
-    assert (run.knn["source"] == "val").sum() == 2  # once per epoch
+    val = run.knn[run.knn["source"] == "val"]
+    assert val["step"].tolist() == [-1, 5, 11]  # the untrained network, then once per epoch
+    assert val["epoch"].tolist() == [0.0, 1.0, 2.0]
     assert "checkpoint" in set(run.events["kind"])
 
 
@@ -59,7 +61,7 @@ def test_fresh_bank_knn_on_fixed_subsets_every_few_steps(tmp_path):
     trainer, run = run_tiny(tmp_path, "knn.full_every_steps=5", "knn.bank_size=40", "knn.full_queries=30",
                             "optim.schedule=constant", "optim.warmup_steps=3")
     val = run.knn[run.knn["source"] == "val"]
-    assert val["step"].tolist() == [4, 9, 11]  # every 5 steps, and once at the end (12 steps)
+    assert val["step"].tolist() == [-1, 4, 9, 11]  # before training, every 5 steps, at the end (12 steps)
     assert (val["bank_size"] == 40).all() and (val["n_queries"] == 30).all()
     lr = run.steps["lr"].to_numpy()
     peak = trainer.peak_lr

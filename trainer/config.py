@@ -78,8 +78,8 @@ class OptimConfig:
     momentum: float = 0.9  # LARS only
     exclude_norm_bias_wd: bool = False  # official code decays everything
     batch_size: int = 128  # global batch over all ranks
-    epochs: float = 3.0
-    warmup_epochs: float = 0.5
+    epochs: float = 8.0
+    warmup_epochs: float = 1.0
     warmup_steps: Optional[int] = None  # warmup length in steps instead of warmup_epochs
     schedule: str = "cosine"  # cosine (official: warmup, then cosine to 0 at `epochs`) | constant (peak held)
     max_steps: Optional[int] = None  # stop after this many steps (total); schedules still span `epochs`
@@ -92,7 +92,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     augment: str = "mocov3"  # mocov3 | none (deterministic resize: for equivalence tests)
-    crop_min: float = 0.08
+    crop_min: float = 0.2  # RandomResizedCrop scale (crop_min, 1): 0.2 for 32-px images; official 0.08 (224 px)
     # device: decode once (small splits: into memory, cached under cache_dir), draw each sample's
     # parameters in the workers, augment whole batches on the training device (kornia);
     # workers: decode + augment image by image with PIL in the DataLoader workers

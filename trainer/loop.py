@@ -6,7 +6,9 @@ no host sync, and a compiled forward never recompiles for them) -> forward both 
 probe (before any clipping) -> optional patch-projection clipping -> finiteness check (the one
 host sync: loss, gradient norm and clipped norm come back together) -> optimizer step ->
 update norms. Every `knn.every` steps the dense kNN monitor
-classifies a fixed held-out subset against the queue of training features.
+classifies a fixed held-out subset against the queue of training features; the fresh-bank
+kNN runs every `knn.full_every_*`, once before the first step (labelled step -1: the untrained
+network's baseline) and at the end.
 
 The caller hands in a writer (see stabilitylab.rundir.RunWriter: append / event /
 should_flush / flush / update_meta); only rank 0 gets one.
@@ -385,6 +387,8 @@ class Trainer:
                                 world_size=self.world, precision=self.precision,
                                 total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         full_every = self._full_knn_every()
+        if full_every and self.is_main and self.step == 0:
+            self.evaluate_full_knn()  # the untrained network: the curve's baseline, at step -1
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.log.progress and self.is_main),
                    unit="step", dynamic_ncols=True)
         try:
