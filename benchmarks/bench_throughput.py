@@ -21,8 +21,9 @@ pair of blocks gives one ratio and the script prints the median with its interqu
 - end to end / fixed batch (goal >= 0.9): the same kind of trainer fed by its real loader
   (`data.pipeline`; the CPU preset's CIFAR sample, or with `--jpegs N` a generated folder of N
   JPEGs of ImageNet-like sizes) against one of those batches held fixed. Each end-to-end block
-  first discards the batches the loader prefetched during the other arm's block, so it
-  measures the steady state. On CUDA the figure is wall clock. On a CPU the workers share the
+  first trains, untimed, on twice as many batches as the loader prefetches (2 per worker),
+  so it measures the steady state: a worker slower than the step has run dry by then, and a
+  faster one has caught up again. On CUDA the figure is wall clock. On a CPU the workers share the
   cores with the step, and on a shared machine with everybody else, so the wall ratio there
   measures the neighbours as much as the pipeline: the figure is the main process's CPU time
   per step (what fetching and finishing batches costs the training thread) with the
@@ -257,15 +258,18 @@ def end_to_end(args, pipelines: list[str], rounds: int, block: int, warmup: int,
     for arm in arms.values():
         timed(arm, warmup, device)
 
-    def drain_prefetched(name):
+    prefetched = 2 * max(1, cfg.data.num_workers)  # DataLoader prefetch_factor 2
+
+    def settle(name):
+        """Untimed steps on the batches prefetched while the other arm ran, twice their number:
+        a worker slower than the step has then run dry, a faster one is ahead again."""
         if name != "fixed":
-            for _ in range(2 * max(1, cfg.data.num_workers)):  # DataLoader prefetch_factor 2
-                next(batches[name])
+            timed(arms[name], 2 * prefetched, device)
 
     before = {p: (c.worker_cpu_seconds(), c.count) for p, c in batches.items()}
-    measured = alternate(arms, rounds, block, device, before_block=drain_prefetched)
+    measured = alternate(arms, rounds, block, device, before_block=settle)
     worker_cpu = {p: (c.worker_cpu_seconds() - before[p][0]) / (c.count - before[p][1])
-                  for p, c in batches.items()}  # per batch the workers made (drained ones too)
+                  for p, c in batches.items()}  # per batch the workers made (untimed ones too)
     source = f"{len(trainer.data.train):,} images from {cfg.data.path}"
     workers = cfg.data.num_workers
     print(f"\nend to end: {describe(cfg, device)}, {source}, {workers} worker(s)")
