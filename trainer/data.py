@@ -15,6 +15,8 @@ collated batches from worker processes, can log one `bad_image` event per path.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision import datasets
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
 from trainer.config import DataConfig
 
@@ -416,8 +420,6 @@ class DecodedImages:
 
 def _decode_all(base: Dataset, skip_bad_images: bool, what: str) -> DecodedImages | None:
     """Every image of `base` (PIL images) as one uint8 tensor; None if their sizes differ."""
-    from tqdm.auto import tqdm
-
     images, labels, bad = None, torch.empty(len(base), dtype=torch.long), {}
     for i in tqdm(range(len(base)), desc=f"decoding {what}", unit="img", disable=None, leave=False):
         img, label, bad_path = _load(base, i, skip_bad_images)
@@ -434,8 +436,6 @@ def _decode_all(base: Dataset, skip_bad_images: bool, what: str) -> DecodedImage
 
 def _folder_key(folder: datasets.ImageFolder) -> str:
     """Identifies an image folder's content: its path and every file's name, label, size and mtime."""
-    import hashlib
-
     digest = hashlib.sha256(str(Path(folder.root).resolve()).encode())
     for path, label in folder.samples:
         stat = Path(path).stat()
@@ -445,13 +445,13 @@ def _folder_key(folder: datasets.ImageFolder) -> str:
 
 def _cached_folder(folder: datasets.ImageFolder, skip_bad_images: bool, cache_dir: str) -> DecodedImages | None:
     """The folder decoded, from `cache_dir` when decoded before (same files, sizes and mtimes);
-    None when it is too large to hold in memory or its images differ in size."""
-    import os
-
-    if not folder.samples:
+    None when it is too large to hold in memory, its images differ in size or the first one
+    cannot be read (the streamed path then names or skips it)."""
+    try:
+        with Image.open(folder.samples[0][0]) as first:
+            width, height = first.size
+    except (IndexError, OSError):
         return None
-    with Image.open(folder.samples[0][0]) as first:
-        width, height = first.size
     if len(folder) * 3 * width * height > DECODED_MAX_BYTES:
         return None
     path = Path(cache_dir).expanduser() / f"decoded-{_folder_key(folder)}.pt"
@@ -516,8 +516,6 @@ class EncodedFolder(Dataset):
 def decode_on(datas: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor]:
     """Encoded images -> uint8 (3, h, w) tensors on `device`: one batched decode_jpeg there
     (nvJPEG on CUDA), else image by image (other formats decode on the CPU)."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
     try:
         return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
@@ -612,8 +610,6 @@ def build_train_loader(data: Datasets, data_cfg: DataConfig, sampler: ResumableS
         warnings.warn("data.pipeline=device needs kornia (pip install kornia); using data.pipeline=workers")
     if data_cfg.pipeline == "workers" or augment.kornia is None:
         return build_loader(data.train, sampler, batch_size, data_cfg.num_workers, device)
-    from torch.utils.data import BatchSampler
-
     plan = augment.TwoViewPlan(data.train.transform)
     base, skip = data.train.base, data.train.skip_bad_images
     decoded = decode_split(base, skip, data_cfg.cache_dir)

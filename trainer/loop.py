@@ -5,10 +5,9 @@ no host sync, and a compiled forward never recompiles for them) -> forward both 
 (momentum update inside, as the official code) -> backward -> unscale -> per-layer gradient
 probe (before any clipping) -> optional patch-projection clipping -> finiteness check (the one
 host sync: loss, gradient norm and clipped norm come back together) -> optimizer step ->
-update norms. Every `knn.every` steps the dense kNN monitor
-classifies a fixed held-out subset against the queue of training features; the fresh-bank
-kNN runs every `knn.full_every_*`, once before the first step (labelled step -1: the untrained
-network's baseline) and at the end.
+update norms. Every `knn.every` steps the dense kNN monitor classifies a fixed held-out subset
+against the queue of training features; the fresh-bank kNN runs every `knn.full_every_*`,
+once before the first step (labelled step -1: the untrained network's baseline) and at the end.
 
 The caller hands in a writer (see stabilitylab.rundir.RunWriter: append / event /
 should_flush / flush / update_meta); only rank 0 gets one.
