@@ -316,7 +316,7 @@ def end_to_end(args, pipelines: list[str], rounds: int, block: int, warmup: int,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.add_argument("--quick", action="store_true", help="narrowed tiny model, few steps (< 1 minute)")
