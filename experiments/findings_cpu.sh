@@ -9,7 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/findings}"
-common=(--jobs 2 optim.epochs=8 optim.warmup_epochs=0.5 knn.full_every_epochs=0.5 log.progress=false)
+# the committed runs were made with fp32 and the PIL workers pipeline at crop scale 0.08, the
+# defaults of their day; as_made keeps a rerun the same experiment
+as_made=(precision=fp32 data.pipeline=workers data.crop_min=0.08)
+common=(--jobs 2 optim.epochs=8 optim.warmup_epochs=0.5 knn.full_every_epochs=0.5 log.progress=false "${as_made[@]}")
 
 # S2 + S4 at the hot lr (peak 5e-2): every projection variant, 3 seeds
 stabilitylab sweep --out "$out/variants_lr1e-1" --grid model.patch_proj=learned,frozen,batchnorm,weightnorm \
@@ -36,5 +39,5 @@ stabilitylab sweep --out "$out/batch_lr1e-2" --grid optim.batch_size=512,1024 \
 for lr in 1e-2 1e-1; do
     stabilitylab sweep --out "$out/batch512_long_lr$lr" --grid optim.batch_size=512 --seeds 3 --jobs 2 \
         model.patch_proj=learned optim.base_lr=$lr optim.epochs=35 optim.warmup_epochs=2 \
-        knn.full_every_epochs=2 log.progress=false
+        knn.full_every_epochs=2 log.progress=false "${as_made[@]}"
 done

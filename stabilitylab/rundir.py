@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -315,19 +316,23 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def segment_bounds(segments: list[dict]) -> dict[int, tuple[int, float, int | None]]:
-    """gen -> (start_step, exclusive end step, committed flushes or None): the segment rule.
+def segment_bounds(segments: list[dict]) -> dict[int, tuple[float, float, int | None]]:
+    """gen -> (lower bound, exclusive upper bound, committed flushes or None): the segment rule.
 
-    A row of generation g is valid iff start_step(g) <= step < start_step of every later
-    generation that is not an append-only one, and it lies in one of g's first `flushes`
-    part files (all when unrecorded). An append-only generation ("append": true, start_step
-    0: rows added to a run after the fact, such as linear probes) supersedes nothing.
+    A row of generation g is valid iff floor(g) <= step < floor of every later generation
+    that is not an append-only one, and it lies in one of g's first `flushes` part files (all
+    when unrecorded). floor(g) is g's start_step, or -inf when that is 0: a generation that
+    starts at step 0 (a new run, a restart, a compaction) holds rows from before the first
+    step too (the untrained network's kNN at step -1) and supersedes every earlier row. An
+    append-only generation ("append": true, start_step 0: rows added to a run after the
+    fact, such as linear probes) supersedes nothing.
     """
     bounds, later_min = {}, float("inf")
     for seg in sorted(segments, key=lambda s: s["gen"], reverse=True):
-        bounds[seg["gen"]] = (seg["start_step"], later_min, seg.get("flushes"))
+        floor = seg["start_step"] if seg["start_step"] > 0 else -math.inf
+        bounds[seg["gen"]] = (floor, later_min, seg.get("flushes"))
         if not seg.get("append", False):
-            later_min = min(later_min, seg["start_step"])
+            later_min = min(later_min, floor)
     return bounds
 
 
@@ -653,14 +658,17 @@ def _read_valid_rows(run_dir: Path, table: str, target: pa.Schema, lenient: bool
             start, end, flushes = bounds[gen]
             if flushes is not None and (number is None or number >= flushes):
                 continue  # not committed: the writer died in the middle of this flush
+            if end == -math.inf:
+                continue  # superseded: a later generation started over from step 0
         part = _read_part(path, target, lenient)
         if part is None:
             continue
-        if bounds is not None and (start > 0 or np.isfinite(end)):
+        if bounds is not None and (np.isfinite(start) or np.isfinite(end)):
             step = part["step"]
-            keep = pc.greater_equal(step, start)
+            keep = pc.greater_equal(step, int(start)) if np.isfinite(start) else None
             if np.isfinite(end):
-                keep = pc.and_(keep, pc.less(step, int(end)))
+                below = pc.less(step, int(end))
+                keep = below if keep is None else pc.and_(keep, below)
             part = part.filter(keep)
         pieces.append(part)
     return pa.concat_tables(pieces) if pieces else target.empty_table()

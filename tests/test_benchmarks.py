@@ -81,7 +81,7 @@ def test_gpu_check_dry_run_needs_no_pyarrow_omegaconf_plotly_sklearn(runs):
     assert "unimportable" in text
     assert "| figure | measured | goal | status |" in text
     table = [line for line in text.splitlines() if line.startswith("| ") and "figure" not in line]
-    assert len(table) >= 5 and all(line.endswith(" |") for line in table)
+    assert len(table) >= 9 and all(line.endswith(" |") for line in table)
     assert "FAILED" not in text
     knn_log = (runs[1] / "knn.log").read_text()
     assert re.search(r"faiss\s+not installed", knn_log) and re.search(r"sklearn\s+not installed", knn_log)
@@ -101,8 +101,46 @@ def test_bench_overhead_quick(runs):
 def test_bench_throughput_quick(runs):
     finished(runs, "gpu_check")
     rows = results((runs[1] / "throughput.log").read_text())
-    measured, _, _ = one(rows, "6 throughput, fixed batch")
-    assert number(measured) > 0
+    measured, goal, status = one(rows, "6 ours / reference")
+    assert 0.1 < number(measured) < 20 and goal == ">= 1.3" and status == "info"
+    rows = results((runs[1] / "pipeline.log").read_text())
+    for pipeline in ("device", "workers"):  # on generated JPEGs of mixed sizes: streamed, decoded per batch
+        measured, goal, _ = one(rows, f"6 end to end / fixed batch (cpu, tiny, b32, {pipeline} pipeline")
+        assert 0 < number(measured) < 5 and goal == ">= 0.9"
+        assert number(one(rows, f"6 pipeline alone (cpu, {pipeline},")[0]) > 0
+
+
+def test_reference_step_does_the_same_maths_as_ours():
+    """The benchmark's official-style step (benchmarks/reference_step.py) on the same weights:
+    the same loss, gradients and momentum encoder as stabilitylab's fused step (fp32; the
+    large class-token gradient sums differently over one fused batch and two, hence rtol 1e-4)."""
+    sys.path.insert(0, str(BENCH))
+    from reference_step import OfficialStyleMoCo
+
+    from trainer.config import ModelConfig, TrainConfig, resolve
+    from trainer.moco import MoCo
+
+    torch = pytest.importorskip("torch")
+    cfg = resolve(TrainConfig(model=ModelConfig(img_size=16, patch_size=4, embed_dim=32, depth=2,
+                                                num_heads=2, head_hidden_dim=64, head_out_dim=16)))
+    torch.manual_seed(0)
+    ours = MoCo(cfg.model, cfg.moco).train()
+    theirs = OfficialStyleMoCo.from_moco(ours).train()
+    x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    loss, _ = ours(x1, x2, 0.9)
+    reference = theirs(x1, x2, 0.9)
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)
+    loss.backward()
+    reference.backward()
+    base = [*ours.backbone.parameters(), *ours.projector.parameters()]
+    for a, b in zip(base, theirs.base_encoder.parameters(), strict=True):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    for a, b in zip(ours.predictor.parameters(), theirs.predictor.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    momentum = [*ours.momentum_backbone.parameters(), *ours.momentum_projector.parameters()]
+    for a, b in zip(momentum, theirs.momentum_encoder.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_bench_knn_quick(runs):

@@ -222,3 +222,13 @@ def test_compare_reads_a_folder_of_sweeps(tiny_run, tmp_path):
     result = cli("compare", str(tmp_path / "sweeps"), "--csv")
     assert result.returncode == 0, result.stderr
     assert [line.split(",")[0] for line in result.stdout.splitlines()[1:]] == ["r1", "r2", "r3"]
+
+
+def test_default_yaml_spells_out_the_built_in_defaults():
+    """configs/default.yaml is the CPU preset that `stabilitylab train` runs with no arguments:
+    every value it lists is the built-in default (so the two cannot drift apart)."""
+    from dataclasses import asdict
+
+    from stabilitylab.config import load_config
+
+    assert asdict(load_config("default", [])) == asdict(load_config(None, []))

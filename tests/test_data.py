@@ -1,13 +1,17 @@
-"""Augmentations, per-sample seeding, the resumable sampler, datasets and bad-image handling."""
+"""Augmentations, per-sample seeding, the resumable sampler, datasets, bad-image handling, and
+the device pipeline's loader (decoded cache, streamed folders)."""
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import datasets
 
 from trainer.config import DataConfig
 from trainer.data import (BadImageError, ResumableSampler, build_datasets, build_loader,
-                          eval_transform, plain_transform)
+                          build_train_loader, decode_split, eval_transform, plain_transform)
 
 
 
@@ -166,3 +170,113 @@ def test_missing_paths(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(FileNotFoundError, match="val"):
         build_datasets(DataConfig(path=str(tmp_path)), img_size=32, seed=0)
+
+
+# ----------------------------------------------------------------------------- device pipeline
+
+kornia = pytest.importorskip("kornia")
+
+
+def device_loader(ds, cfg: DataConfig, batch=8, workers=0, start_batch=0, seed=1):
+    sampler = ResumableSampler(len(ds.train), batch, seed=seed)
+    sampler.set_start_batch(start_batch)
+    return build_train_loader(ds, dataclasses.replace(cfg, num_workers=workers), sampler, batch, "cpu")
+
+
+def test_device_pipeline_batches_are_the_worker_pipelines_samples():
+    """Same sampler: the same samples, labels and (to float rounding of PIL vs float kernels)
+    the same views as the workers pipeline; independent of the worker count; a resumed epoch
+    (start batch) continues with the same batches."""
+    cfg = DataConfig(dataset="synthetic", synthetic_size=64)
+    ds = build_datasets(cfg, img_size=32, seed=0)
+    device = list(device_loader(ds, cfg))
+    workers = list(device_loader(ds, dataclasses.replace(cfg, pipeline="workers")))
+    assert len(device) == len(workers) == 8
+    for (d1, d2, dy, dbad), (w1, w2, wy, _) in zip(device, workers):
+        assert d1.shape == d2.shape == (8, 3, 32, 32) and d1.dtype == torch.float32
+        assert torch.equal(dy, wy) and list(dbad) == [""] * 8
+        assert (d1 - w1).abs().mean() < 0.05 and (d2 - w2).abs().mean() < 0.05  # normalized units
+        assert (d1 - w1.roll(1, 0)).abs().mean() > 0.3  # another sample's view is far
+    in_a_worker = list(device_loader(ds, cfg, workers=1))
+    resumed = list(device_loader(ds, cfg, start_batch=5))
+    for a, b in zip(device, in_a_worker):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for a, b in zip(device[5:], resumed):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+
+
+def test_cifar_arrays_are_used_as_they_are(monkeypatch):
+    class FakeCifar(datasets.CIFAR10):
+        def __init__(self):
+            self.data = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+            self.targets = list(range(10))
+
+    decoded = decode_split(FakeCifar(), skip_bad_images=False, cache_dir="/nonexistent")
+    assert decoded.images.shape == (10, 3, 32, 32) and decoded.labels.tolist() == list(range(10))
+    assert torch.equal(decoded.images[3].permute(1, 2, 0), torch.from_numpy(FakeCifar().data[3]))
+
+
+def test_image_folder_is_decoded_once_into_the_cache(tmp_path, monkeypatch):
+    root = image_folder(tmp_path / "data", per_class=4)
+    cfg = DataConfig(path=str(root), cache_dir=str(tmp_path / "cache"))
+    ds = build_datasets(cfg, img_size=32, seed=0)
+    first = next(iter(device_loader(ds, cfg)))
+    cached = list((tmp_path / "cache").glob("decoded-*.pt"))
+    assert len(cached) == 1
+    state = torch.load(cached[0], weights_only=True)
+    assert state["images"].shape == (8, 3, 40, 40) and state["images"].dtype == torch.uint8
+    red = state["images"][state["labels"] == 0].float().mean((0, 2, 3))
+    assert red[0] > 150 and red[2] < 80  # class a is red, decoded as RGB
+
+    import trainer.data as data_module
+    monkeypatch.setattr(data_module, "_decode_all", lambda *a: pytest.fail("decoded again"))
+    again = next(iter(device_loader(build_datasets(cfg, img_size=32, seed=0), cfg)))
+    assert torch.equal(first[0], again[0])
+    monkeypatch.undo()
+    Image.new("RGB", (40, 40), (0, 200, 0)).save(root / "train/a/0.jpg")  # the folder changed
+    build_train_loader(build_datasets(cfg, img_size=32, seed=0), cfg, ResumableSampler(8, 8, seed=0), 8, "cpu")
+    assert len(list((tmp_path / "cache").glob("decoded-*.pt"))) == 2
+
+
+def test_folder_of_mixed_sizes_is_streamed_and_decoded_per_batch(tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for c, size in (("a", (64, 48)), ("b", (37, 90))):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", size, (60 * i, 100, 30)).save(root / split / c / f"{i}.jpg")
+    cfg = DataConfig(path=str(root), cache_dir=str(tmp_path / "cache"))
+    ds = build_datasets(cfg, img_size=32, seed=0)
+    loader = device_loader(ds, cfg)
+    assert not list((tmp_path / "cache").glob("*.pt"))
+    x1, x2, labels, bad = next(iter(loader))
+    assert x1.shape == x2.shape == (8, 3, 32, 32) and sorted(labels.tolist()) == [0] * 4 + [1] * 4
+    w1, _, wy, _ = next(iter(device_loader(ds, dataclasses.replace(cfg, pipeline="workers"))))
+    assert torch.equal(labels, wy) and (x1 - w1).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("same_size", [True, False])
+def test_device_pipeline_bad_images(tmp_path, same_size):
+    """Decoded (one size, cached) and streamed folders alike: an unreadable file stops the
+    loader naming it; with skip_bad_images its neighbour stands in and the path is reported."""
+    root = image_folder(tmp_path / "data", bad="train/a/1.jpg")
+    if not same_size:
+        Image.new("RGB", (50, 30), (10, 10, 10)).save(root / "train/b/0.jpg")
+    cfg = DataConfig(path=str(root), cache_dir=str(tmp_path / "cache"))
+    sampler = ResumableSampler(6, 6, seed=0, shuffle=False)
+    with pytest.raises(BadImageError, match="1.jpg"):
+        next(iter(build_train_loader(build_datasets(cfg, 32, 0), cfg, sampler, 6, "cpu")))
+    skip = dataclasses.replace(cfg, skip_bad_images=True)
+    x1, _, labels, bad = next(iter(build_train_loader(build_datasets(skip, 32, 0), skip, sampler, 6, "cpu")))
+    assert list(bad) == ["", str(root / "train/a/1.jpg"), "", "", "", ""]
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_device_pipeline_without_kornia_runs_the_workers_pipeline(monkeypatch):
+    import trainer.augment as augment
+
+    monkeypatch.setattr(augment, "kornia", None)
+    ds = synthetic()
+    with pytest.warns(UserWarning, match="pip install kornia"):
+        loader = build_train_loader(ds, DataConfig(dataset="synthetic"), ResumableSampler(200, 8, seed=0), 8, "cpu")
+    assert isinstance(loader, torch.utils.data.DataLoader) and loader.dataset is ds.train

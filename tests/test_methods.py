@@ -25,6 +25,7 @@ TINY = [
     "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
     "model.head_hidden_dim=64", "model.head_out_dim=16", "optim.batch_size=16", "optim.epochs=1",
     "optim.warmup_epochs=0.25", "knn.every=2", "knn.val_size=32", "threads=1", "log.progress=false",
+    "precision=fp32",  # exact comparisons (one process against two): not bf16 autocast
 ]
 
 

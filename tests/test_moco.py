@@ -1,4 +1,7 @@
-"""MoCo module: loss, momentum update, frozen-parameter guarantees, every ablation switch."""
+"""MoCo module: loss, momentum update, frozen-parameter guarantees, every ablation switch, the
+fused-view step against the per-view step."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +166,67 @@ def test_ablation_switch_steps(switch):
     assert torch.isfinite(loss) and f1.shape == (4, 32)
     after = list(model.momentum_projector.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before))  # momentum encoder moved
+
+
+def per_view_step(model, x1, x2, m):
+    """The official code's forward: each view through the base encoder and heads in its own
+    call, the momentum update, then each view through the momentum encoder in its own call."""
+    q1 = model.predictor(model.projector(model.backbone(x1)))
+    q2 = model.predictor(model.projector(model.backbone(x2)))
+    with torch.no_grad():
+        model.update_momentum_encoder(m)
+        k1 = model.momentum_projector(model.momentum_backbone(x1))
+        k2 = model.momentum_projector(model.momentum_backbone(x2))
+    return model._loss(q1, k2) + model._loss(q2, k1)
+
+
+# fp32 tolerance of the fused-view step against two calls, elementwise |a - b| <= atol + rtol |b|:
+# the backbone's matmuls over 2B rows block differently from B rows, so values agree to float
+# rounding, not bit for bit (measured on this model: at most 4e-7 relative for entries of
+# gradients of order 0.1-200, 2e-8 absolute for entries near 0).
+FUSED_RTOL, FUSED_ATOL = 1e-5, 1e-6
+
+
+@pytest.mark.parametrize("switch", [dict(), dict(patch_proj="batchnorm"), dict(pool="avg")])
+def test_fused_views_equal_the_per_view_step(switch):
+    """Loss, every gradient, the momentum encoder after its update and the heads' BatchNorm
+    running statistics (per view, as two calls keep them) match the per-view step. A backbone
+    with BatchNorm (patch_proj=batchnorm) is not fused."""
+    torch.manual_seed(0)
+    fused = tiny_moco(**switch).train()
+    assert fused.fuse_views == (switch.get("patch_proj") != "batchnorm")
+    per_view = copy.deepcopy(fused)
+    x1, x2 = views(8)
+    loss, features = fused(x1, x2, 0.9)
+    loss.backward()
+    reference = per_view_step(per_view, x1, x2, 0.9)
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)
+    ours, theirs = dict(fused.named_parameters()), dict(per_view.named_parameters())
+    for name, p in ours.items():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, theirs[name].grad, rtol=FUSED_RTOL, atol=FUSED_ATOL,
+                                       msg=name)
+        else:  # the momentum encoder after the update (and frozen parameters)
+            torch.testing.assert_close(p, theirs[name], rtol=0, atol=1e-7, msg=name)
+    buffers = dict(per_view.named_buffers())
+    assert any("running_mean" in name for name in buffers)
+    for name, b in fused.named_buffers():
+        torch.testing.assert_close(b, buffers[name], rtol=FUSED_RTOL, atol=1e-6, msg=name)
+    torch.testing.assert_close(features, per_view.backbone_features(x1), rtol=FUSED_RTOL, atol=FUSED_ATOL)
+
+
+def test_momentum_as_a_tensor_equals_the_float():
+    """The trainer passes m as a 0-d device tensor (no recompiles, no host sync)."""
+    torch.manual_seed(0)
+    a = tiny_moco().train()
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(torch.randn_like(p))
+    b = copy.deepcopy(a)
+    x1, x2 = views()
+    loss_a, _ = a(x1, x2, 0.95)
+    loss_b, _ = b(x1, x2, torch.tensor(0.95))
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=0)  # 1 - m rounds in float32
+    for pa, pb in zip(a.momentum_backbone.parameters(), b.momentum_backbone.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)

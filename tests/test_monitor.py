@@ -26,7 +26,7 @@ TINY = [
     "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
     "model.head_hidden_dim=64", "model.head_out_dim=32", "optim.batch_size=16", "optim.epochs=2",
     "optim.warmup_epochs=0.5", "knn.enabled=false", "threads=1", "log.progress=false",
-    "model.pos_embed=learned",
+    "model.pos_embed=learned", "precision=fp32",  # the Monitor's plain loop runs fp32 too
 ]
 
 
@@ -82,7 +82,8 @@ def test_monitor_on_the_moco_model_equals_stabilitylab_train(tmp_path):
                 group["lr"] = lr
             m = momentum_at(step, m=cfg.moco.m, steps_per_epoch=trainer.steps_per_epoch,
                             epochs=cfg.optim.epochs)
-            loss, _ = trainer.model(x1, x2, m)
+            trainer.momentum.fill_(m)  # m as the trainer passes it: a 0-d tensor (same rounding)
+            loss, _ = trainer.model(x1, x2, trainer.momentum)
             trainer.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             monitor.after_backward(step, loss=loss)

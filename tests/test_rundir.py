@@ -142,6 +142,10 @@ CHILD = textwrap.dedent("""
     writer.close()                      # compaction
     for round in range(1000):           # resume from a checkpoint 30 steps back, again and again
         last = 400 + 50 * round
+        # the resume supersedes the rows after last - 30 until it rewrites them: from here on
+        # only the rows up to last - 30 are promised (said before the writer opens, so the
+        # promise holds at every moment a kill can come)
+        print(last - 30, flush=True)
         writer = RunWriter(run_dir, flush_every_steps=7, resume_step=last - 30)
         log(writer, range(last - 29, last + 50))
         writer.close(compact=round % 2 == 0)

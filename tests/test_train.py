@@ -51,7 +51,9 @@ def test_a_run_writes_every_table(tmp_path):
     queue = run.knn[run.knn["source"] == "queue"]
     assert queue["step"].tolist() == list(range(1, n, 2))
     assert (queue["n_queries"] == 48).all() and queue["top1"].between(0, 1).all()
-    assert (run.knn["source"] == "val").sum() == 2  # once per epoch
+    val = run.knn[run.knn["source"] == "val"]
+    assert val["step"].tolist() == [-1, 5, 11]  # the untrained network, then once per epoch
+    assert val["epoch"].tolist() == [0.0, 1.0, 2.0]
     assert "checkpoint" in set(run.events["kind"])
 
 
@@ -59,7 +61,7 @@ def test_fresh_bank_knn_on_fixed_subsets_every_few_steps(tmp_path):
     trainer, run = run_tiny(tmp_path, "knn.full_every_steps=5", "knn.bank_size=40", "knn.full_queries=30",
                             "optim.schedule=constant", "optim.warmup_steps=3")
     val = run.knn[run.knn["source"] == "val"]
-    assert val["step"].tolist() == [4, 9, 11]  # every 5 steps, and once at the end (12 steps)
+    assert val["step"].tolist() == [-1, 4, 9, 11]  # before training, every 5 steps, at the end (12 steps)
     assert (val["bank_size"] == 40).all() and (val["n_queries"] == 30).all()
     lr = run.steps["lr"].to_numpy()
     peak = trainer.peak_lr
@@ -206,6 +208,7 @@ def test_ddp_gloo_two_processes_equal_one_process(tmp_path):
     """Same global batch on 1 and 2 CPU processes: same loss and per-layer gradient norms.
     Heads without BatchNorm: SyncBatchNorm needs CUDA, so on CPU BN statistics stay per rank."""
     overrides = [o for o in TINY if not o.startswith("threads")] + [
+        "precision=fp32",  # bf16 autocast (auto on a bf16 CPU) rounds 1 and 2 processes differently
         "data.augment=none", "model.head_bn=false", "optim.max_steps=4", "knn.full_every_epochs=0", "knn.queue_fraction=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, double = tmp_path / "single", tmp_path / "ddp"
@@ -244,3 +247,35 @@ def test_layer_statistics_can_be_switched_off(tmp_path):
     _, run = run_tiny(tmp_path, "log.every=0", "optim.max_steps=3", "knn.enabled=false")
     assert len(run.steps) == 3 and run.steps["grad_norm"].notna().all()
     assert run.layers.empty
+
+
+def test_compiled_step_never_recompiles(tmp_path, monkeypatch):
+    """compile=true: lr and m change every step (warm-up, cosine momentum) but reach the
+    compiled forward as tensors, so dynamo compiles one graph once. torch.compile runs with
+    the aot_eager backend here (same graph capture and guards as inductor, no C++ build)."""
+    import functools
+
+    import torch._dynamo
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    counters.clear()
+    trainer, run = run_tiny(tmp_path, "compile=true", "optim.max_steps=5", "knn.every=2")
+    assert run.steps["lr"].nunique() == 5 and run.steps["momentum"].nunique() == 5
+    assert counters["frames"]["ok"] == 1 and counters["stats"]["unique_graphs"] == 1
+    assert run.steps["loss"].notna().all()
+    torch._dynamo.reset()
+
+
+def test_workers_pipeline_trains_too(tmp_path):
+    """data.pipeline=workers (PIL in the DataLoader workers) against the default device
+    pipeline: the same samples and (to float rounding) views, so nearly the same losses."""
+    on_device, device = run_tiny(tmp_path, "optim.max_steps=4", "knn.enabled=false", "precision=fp32",
+                                 name="device")
+    in_workers, workers = run_tiny(tmp_path, "optim.max_steps=4", "knn.enabled=false", "precision=fp32",
+                                   "data.pipeline=workers", name="workers")
+    assert on_device.cfg.data.pipeline == "device" and in_workers.cfg.data.pipeline == "workers"
+    np.testing.assert_allclose(workers.steps["loss"], device.steps["loss"], rtol=2e-2)

@@ -39,6 +39,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "data.dataset": ("imagefolder", "cifar10", "cifar100", "synthetic"),
     "data.augment": ("mocov3", "none"),
+    "data.pipeline": ("device", "workers"),
     "knn.backend": ("auto", "faiss", "torch"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "on_spike": ("log", "checkpoint", "skip"),
@@ -130,8 +131,8 @@ class OptimConfig:
     momentum: float = 0.9  # LARS only
     exclude_norm_bias_wd: bool = False  # official code decays everything
     batch_size: int = 128  # global batch over all ranks
-    epochs: float = 3.0
-    warmup_epochs: float = 0.5
+    epochs: float = 8.0
+    warmup_epochs: float = 1.0
     warmup_steps: Optional[int] = None  # warmup length in steps instead of warmup_epochs
     schedule: str = "cosine"  # cosine (official: warmup, then cosine to 0 at `epochs`) | constant (peak held)
     max_steps: Optional[int] = None  # stop after this many steps (total); schedules still span `epochs`
@@ -144,7 +145,12 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     augment: str = "mocov3"  # mocov3 | none (deterministic resize: for equivalence tests)
-    crop_min: float = 0.08
+    crop_min: float = 0.2  # RandomResizedCrop scale (crop_min, 1): 0.2 for 32-px images; official 0.08 (224 px)
+    # device: decode once (small splits: into memory, cached under cache_dir), draw each sample's
+    # parameters in the workers, augment whole batches on the training device (kornia);
+    # workers: decode + augment image by image with PIL in the DataLoader workers
+    pipeline: str = "device"
+    cache_dir: str = "~/.cache/stabilitylab"  # decoded small image folders (data.pipeline=device)
     num_workers: int = 1  # one worker overlaps augmentation with compute even on 2 cores
     skip_bad_images: bool = False  # False: an unreadable image stops the run naming the file
     synthetic_size: int = 512  # images per split for dataset=synthetic
@@ -193,12 +199,12 @@ class TrainConfig:
     method: str = "mocov3"  # mocov3 | simclr | byol (trainer/methods.py)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16
     max_nonfinite_steps: int = 20  # consecutive skipped steps before the run stops
     on_spike: str = "log"  # log | checkpoint (the state before the spiking update) | skip (drop that update)
     max_spike_skips: int = 10  # on_spike=skip: consecutive skipped updates before the run stops
-    compile: bool = False
-    threads: Optional[int] = None  # torch CPU threads; None: torch default
+    compile: bool = False  # torch.compile the forward (worth it on a GPU; minutes of warm-up on a CPU)
+    threads: Optional[int] = None  # torch CPU threads; None: on a CPU the cores data workers leave free
     model: ModelConfig = field(default_factory=ModelConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -15,6 +15,8 @@ collated batches from worker processes, can log one `bad_image` event per path.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import signal
 import warnings
 from dataclasses import dataclass
@@ -24,9 +26,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision import datasets
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
 from trainer.config import DataConfig
 
@@ -412,3 +416,224 @@ def _ignore_ctrl_c(worker_id: int) -> None:
     """A terminal's Ctrl-C reaches the whole process group; the main process then finishes
     its step and checkpoints (Trainer.fit), and may be waiting for a batch from a worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------- device pipeline
+
+DECODED_MAX_BYTES = 4 * 2**30  # decode a training split into memory only if it fits in this
+
+
+@dataclass
+class DecodedImages:
+    """A split decoded once: uint8 images (N, 3, H, W) of one size, labels (N,), and the
+    unreadable files that a neighbour replaced, {index: path} (data.skip_bad_images)."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    bad: dict[int, str]
+
+
+def _decode_all(base: Dataset, skip_bad_images: bool, what: str) -> DecodedImages | None:
+    """Every image of `base` (PIL images) as one uint8 tensor; None if their sizes differ."""
+    images, labels, bad = None, torch.empty(len(base), dtype=torch.long), {}
+    for i in tqdm(range(len(base)), desc=f"decoding {what}", unit="img", disable=None, leave=False):
+        img, label, bad_path = _load(base, i, skip_bad_images)
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+        if images is None:
+            images = torch.empty((len(base), *pixels.shape), dtype=torch.uint8)
+        elif pixels.shape != images.shape[1:]:
+            return None
+        images[i], labels[i] = pixels, label
+        if bad_path:
+            bad[i] = bad_path
+    return DecodedImages(images, labels, bad)
+
+
+def _folder_key(folder: datasets.ImageFolder) -> str:
+    """Identifies an image folder's content: its path and every file's name, label, size and mtime."""
+    digest = hashlib.sha256(str(Path(folder.root).resolve()).encode())
+    for path, label in folder.samples:
+        stat = Path(path).stat()
+        digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _cached_folder(folder: datasets.ImageFolder, skip_bad_images: bool, cache_dir: str) -> DecodedImages | None:
+    """The folder decoded, from `cache_dir` when decoded before (same files, sizes and mtimes);
+    None when it is too large to hold in memory, its images differ in size or the first one
+    cannot be read (the streamed path then names or skips it)."""
+    try:
+        with Image.open(folder.samples[0][0]) as first:
+            width, height = first.size
+    except (IndexError, OSError):
+        return None
+    if len(folder) * 3 * width * height > DECODED_MAX_BYTES:
+        return None
+    path = Path(cache_dir).expanduser() / f"decoded-{_folder_key(folder)}.pt"
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        decoded = DecodedImages(state["images"], state["labels"], dict(state["bad"]))
+    else:
+        decoded = _decode_all(folder, skip_bad_images, folder.root)
+        if decoded is None:
+            return None
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"images": decoded.images, "labels": decoded.labels,
+                        "bad": sorted(decoded.bad.items())}, partial)
+            os.replace(partial, path)  # atomic: concurrent runs never read half a file
+        except OSError as e:  # a cache that cannot be written costs a decode next time, nothing more
+            warnings.warn(f"cannot write the decoded images to {path} ({e}); set data.cache_dir "
+                          f"to a writable folder to decode them only once")
+    if decoded.bad and not skip_bad_images:
+        raise BadImageError(next(iter(decoded.bad.values())), "unreadable when the split was decoded")
+    return decoded
+
+
+def decode_split(base: Dataset, skip_bad_images: bool, cache_dir: str) -> DecodedImages | None:
+    """A training split as uint8 tensors, or None when it must be streamed (large, mixed sizes).
+
+    torchvision CIFAR: its arrays as they are. An image folder: decoded once and cached in
+    `cache_dir`. Other datasets of PIL images (synthetic): decoded into memory.
+    """
+    if isinstance(base, (datasets.CIFAR10, datasets.CIFAR100)):
+        return DecodedImages(torch.from_numpy(base.data).permute(0, 3, 1, 2).contiguous(),
+                             torch.as_tensor(base.targets, dtype=torch.long), {})
+    if isinstance(base, datasets.ImageFolder):
+        return _cached_folder(base, skip_bad_images, cache_dir)
+    return _decode_all(base, skip_bad_images, "training split")
+
+
+class EncodedFolder(Dataset):
+    """An image folder's files undecoded: `ds[i]` -> ((file bytes, (height, width)), label).
+
+    The size comes from the file header (PIL reads no pixels); a file whose header PIL cannot
+    read raises BadImageError, so `_load` substitutes neighbours as for decoded images."""
+
+    def __init__(self, folder: datasets.ImageFolder):
+        self.samples, self.classes = folder.samples, folder.classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        except Exception as e:
+            raise BadImageError(path, f"{type(e).__name__}: {e}") from e
+        return (data, (height, width), path), label
+
+
+def decode_on(datas: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor]:
+    """Encoded images -> uint8 (3, h, w) tensors on `device`: one batched decode_jpeg there
+    (nvJPEG on CUDA), else image by image (other formats decode on the CPU)."""
+    try:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    images = []
+    for data, path in zip(datas, paths):
+        try:
+            images.append(decode_image(data, mode=ImageReadMode.RGB).to(device))
+        except RuntimeError as e:
+            raise BadImageError(path, f"cannot decode: {e}") from e
+    return images
+
+
+class TwoViewBatches(Dataset):
+    """Device pipeline, what the DataLoader workers do: `ds[[(index, seed), ...]]` -> one batch.
+
+    Each sample's parameters of both views are drawn under its seed (as TwoViewDataset draws
+    them, so both pipelines give a sample the same crop, jitter, ...). The batch is a dict:
+    index, params1, params2, labels, bad (paths, '' when fine) and, for a streamed folder,
+    `encoded` (file bytes and paths). With `augment_here` (a CPU training device) the workers
+    also make the views, keeping the main process free for the step: `views` = (x1, x2).
+    """
+
+    def __init__(self, source: DecodedImages | EncodedFolder, plan, skip_bad_images: bool,
+                 augment_here: bool):
+        self.source, self.plan = source, plan
+        self.skip_bad_images, self.augment_here = skip_bad_images, augment_here
+
+    def __len__(self) -> int:
+        return len(self.source.labels) if isinstance(self.source, DecodedImages) else len(self.source)
+
+    def __getitem__(self, items: list[tuple[int, int]]) -> dict:
+        decoded = isinstance(self.source, DecodedImages)
+        rows, labels, bad, encoded = [], [], [], []
+        for index, sample_seed in items:
+            if decoded:
+                height, width = self.source.images.shape[-2:]
+                labels.append(int(self.source.labels[index]))
+                bad.append(self.source.bad.get(index, ""))
+            else:
+                (data, (height, width), path), label, bad_path = _load(self.source, index, self.skip_bad_images)
+                encoded.append((data, path))
+                labels.append(label)
+                bad.append(bad_path)
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(sample_seed)
+                rows.append(self.plan.sample(height, width))
+        batch = {"index": torch.tensor([index for index, _ in items]),
+                 "params1": torch.stack([r[0] for r in rows]), "params2": torch.stack([r[1] for r in rows]),
+                 "labels": torch.tensor(labels), "bad": bad}
+        if encoded:
+            batch["encoded"] = ([d for d, _ in encoded], [p for _, p in encoded])
+        if self.augment_here:
+            images = self.source.images if decoded else None
+            batch["views"] = make_views(batch, self.plan, images, torch.device("cpu"))
+            batch.pop("encoded", None)
+        return batch
+
+
+def make_views(batch: dict, plan, images: torch.Tensor | None, device: torch.device):
+    """Both views of a TwoViewBatches batch on `device`, from the decoded split `images` (on
+    that device) or from the batch's encoded files."""
+    if images is not None:
+        source = images[batch["index"].to(images.device, non_blocking=True)]
+    else:
+        source = decode_on(*batch["encoded"], device)
+    return plan.apply(source, batch["params1"], batch["params2"])
+
+
+class DeviceViewLoader:
+    """Iterates (view1, view2, labels, bad_paths) batches like the workers pipeline's DataLoader,
+    with the views made on the training device (or already made by the workers on a CPU)."""
+
+    def __init__(self, loader: DataLoader, plan, images: torch.Tensor | None, device: torch.device):
+        self.loader, self.plan, self.images, self.device = loader, plan, images, device
+
+    def __iter__(self):
+        for batch in self.loader:
+            views = batch.get("views") or make_views(batch, self.plan, self.images, self.device)
+            yield (*views, batch["labels"], batch["bad"])
+
+
+def build_train_loader(data: Datasets, data_cfg: DataConfig, sampler: ResumableSampler, batch_size: int,
+                       device: str | torch.device):
+    """The training batches of `data_cfg.pipeline`: the workers DataLoader (`build_loader`), or
+    the device pipeline (`DeviceViewLoader`): decoded once, augmented a batch at a time. The
+    device pipeline needs kornia; without it the workers pipeline runs, with a warning."""
+    from trainer import augment
+
+    device = torch.device(device)
+    if data_cfg.pipeline == "device" and augment.kornia is None:
+        warnings.warn("data.pipeline=device needs kornia (pip install kornia); using data.pipeline=workers")
+    if data_cfg.pipeline == "workers" or augment.kornia is None:
+        return build_loader(data.train, sampler, batch_size, data_cfg.num_workers, device)
+    plan = augment.TwoViewPlan(data.train.transform)
+    base, skip = data.train.base, data.train.skip_bad_images
+    decoded = decode_split(base, skip, data_cfg.cache_dir)
+    if decoded is None and not isinstance(base, datasets.ImageFolder):
+        raise ValueError("data.pipeline=device: the training images differ in size; use data.pipeline=workers")
+    source = decoded if decoded is not None else EncodedFolder(base)
+    augment_here = device.type == "cpu"
+    batches = TwoViewBatches(source, plan, skip, augment_here)
+    loader = DataLoader(batches, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last=False),
+                        num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=data_cfg.num_workers > 0, worker_init_fn=_ignore_ctrl_c)
+    images = decoded.images.to(device) if decoded is not None and not augment_here else None
+    return DeviceViewLoader(loader, plan, images, device)

@@ -1,12 +1,16 @@
 """The instrumented MoCo v3 training loop (`trainer.train`).
 
-One optimizer step: lr and m from their per-iteration schedules -> forward both views
+One optimizer step: lr and m from their per-iteration schedules (written into device tensors:
+no host sync, and a compiled forward never recompiles for them) -> forward both views
 (momentum update inside, as the official code; the attention probe looks at it every
 `log.attention_every` steps) -> backward -> unscale -> per-layer gradient probe (before any
-clipping) -> finiteness check (one host sync) -> online spike detector on the per-layer norms
-(`on_spike`: log, keep the pre-update state, or skip the update) -> optional patch-projection
-clipping -> optimizer-state probe -> optimizer step -> update norms. Every `knn.every` steps
-the dense kNN monitor classifies a fixed held-out subset against the queue of training features.
+clipping) -> optional patch-projection clipping -> finiteness check (the one host sync: loss,
+gradient norm, clipped norm and the per-layer norms of the online spike detector come back
+together) -> online spike detector (`on_spike`: log, keep the pre-update state, or skip the
+update) -> optimizer-state probe -> optimizer step -> update norms. Every `knn.every` steps the
+dense kNN monitor classifies a fixed held-out subset against the queue of training features;
+the fresh-bank kNN runs every `knn.full_every_*`, once before the first step (labelled step -1:
+the untrained network's baseline) and at the end.
 
 The caller hands in a writer (see stabilitylab.rundir.RunWriter: append / event /
 should_flush / flush / update_meta); only rank 0 gets one.
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import os
 import random
 import signal
 import threading
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -32,11 +39,11 @@ from analysis.spikes import StreamingSpikeDetector
 from trainer import distributed as dist_utils
 from trainer.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, config_differences
-from trainer.data import ResumableSampler, build_datasets, build_loader
+from trainer.data import ResumableSampler, build_datasets, build_train_loader
 from trainer.knn import KnnMonitor, feature_stats, knn_accuracy, knn_predict
 from trainer.methods import build_method
 from trainer.model import patch_proj_parameters
-from trainer.optim import build_optimizer
+from trainer.optim import build_optimizer, set_lr
 from trainer.probes import GradientProbe
 from trainer.probes_attention import AttentionProbe
 from trainer.probes_optim import OptimizerStateProbe
@@ -81,9 +88,21 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def cpu_threads(num_workers: int) -> int:
+    """torch threads for training on the CPU: the cores the data workers leave free (more
+    threads than free cores make OpenMP spin-wait, several times slower on a small machine)."""
+    return max(1, len(os.sched_getaffinity(0)) - num_workers)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def pick_precision(name: str, device: torch.device) -> str:
+    """precision=auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32."""
     if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
     if name not in ("fp32", "bf16", "fp16"):
         raise UserError(f"precision={name!r}: use auto, fp32, bf16 or fp16")
     return name
@@ -116,13 +135,14 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.source = source
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         self.rank, self.world, local_rank = dist_utils.setup(
             "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
         self.is_main = self.rank == 0
         self.writer = writer if (writer is not None and self.is_main) else NullWriter()
         self.device = pick_device(cfg.device, local_rank)
+        threads = cfg.threads or (cpu_threads(cfg.data.num_workers) if self.device.type == "cpu" else None)
+        if threads:
+            torch.set_num_threads(threads)
         self.precision = pick_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -139,8 +159,7 @@ class Trainer:
         self.sampler = ResumableSampler(len(self.data.train), self.local_batch, seed=cfg.seed,
                                         rank=self.rank, world_size=self.world)
         self.steps_per_epoch = self.sampler.batches_per_epoch
-        self.loader = build_loader(self.data.train, self.sampler, self.local_batch,
-                                   cfg.data.num_workers, self.device)
+        self.loader = build_train_loader(self.data, cfg.data, self.sampler, self.local_batch, self.device)
         # the schedules always span optim.epochs; optim.max_steps only stops early
         self.schedule_steps = max(1, round(cfg.optim.epochs * self.steps_per_epoch))
         self.total_steps = min(self.schedule_steps, cfg.optim.max_steps or self.schedule_steps)
@@ -156,8 +175,9 @@ class Trainer:
         else:
             self.ddp = self.model
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self.momentum = torch.tensor(cfg.moco.m, device=self.device)  # refilled every step
         self.peak_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.clip_params = patch_proj_parameters(self.model.backbone) if cfg.model.patch_proj == "clip" else []
         self.build_probes()
@@ -221,10 +241,17 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
 
     def _autocast(self):
+        """Autocast for bf16 / fp16. On a CPU also torch's math attention kernel: there the
+        flash-attention backward in bf16 is several times slower than the whole rest of a
+        short-sequence ViT step (measured in docs/benchmarks.md, figure 6)."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+        if self.device.type == "cpu":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
 
     def _epoch(self, step: int) -> float:
         return step / self.steps_per_epoch
@@ -391,14 +418,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ online spike detection
 
-    def _watch_spikes(self) -> bool:
-        """Feed this step's per-layer grad_l2 to the online detector (one small device->host
-        copy, after the step's host sync); log the events that start here; with
+    def _watch_spikes(self, grad_l2: list[float]) -> bool:
+        """Feed this step's per-layer grad_l2 (fetched with the step's one host sync) to the
+        online detector; log the events that start here; with
         on_spike=checkpoint keep the state before this update when a spike episode begins.
         True when any layer is flagged at this step. Every rank runs it on the same
         all-reduced gradients, so all ranks agree on on_spike=skip."""
         was_spiking = bool(self.spikes.flagged.any())
-        started = self.spikes.update(self.step, self.probe.last_grad_l2().cpu().numpy())
+        started = self.spikes.update(self.step, grad_l2)
         if started:
             self._log_spikes(started)
             if self.cfg.on_spike == "checkpoint" and not was_spiking and self._last_good is not None:
@@ -486,12 +513,12 @@ class Trainer:
                    epochs=cfg.optim.epochs, schedule=cfg.optim.schedule)
         m = momentum_at(self.step, m=cfg.moco.m, steps_per_epoch=self.steps_per_epoch,
                         epochs=cfg.optim.epochs, cosine=cfg.moco.m_cos)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
+        self.momentum.fill_(m)
         x1 = x1.to(self.device, non_blocking=True)
         x2 = x2.to(self.device, non_blocking=True)
         with self._autocast(), self._probing_attention():
-            loss, features = self.forward(x1, x2, m)
+            loss, features = self.forward(x1, x2, self.momentum)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -499,13 +526,19 @@ class Trainer:
         log_layers = cfg.log.every > 0 and self.step % cfg.log.every == 0
         grad_norm = self.probe.record(self.step) if log_layers else self.probe.total_grad_norm()
         loss_mean = dist_utils.all_reduce_mean(loss.detach().float())
-        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_mean))  # the one host sync
-        spiking = self._watch_spikes() if log_layers and self.spikes is not None else False
+        watch = log_layers and self.spikes is not None
+        fetched = [loss_mean.reshape(1), grad_norm.float().reshape(1)]
+        if self.clip_params:  # the norm before clipping, capped at the limit: what the step applied
+            clip = cfg.model.patch_proj_clip
+            fetched.append(torch.nn.utils.clip_grad_norm_(self.clip_params, clip).float().clamp(max=clip).reshape(1))
+        if watch:  # the online spike detector's per-layer norms come back with them
+            fetched.append(self.probe.last_grad_l2())
+        values = torch.cat(fetched).tolist()  # the one host sync
+        loss_value, grad_value = values[:2]
+        clipped = values[2] if self.clip_params else None
+        finite = math.isfinite(loss_value) and math.isfinite(grad_value)
+        spiking = self._watch_spikes(values[-len(self.probe.layer_names):]) if watch else False
         skip = finite and spiking and cfg.on_spike == "skip"
-        clipped = None
-        if self.clip_params:
-            clipped = float(min(torch.nn.utils.clip_grad_norm_(self.clip_params, cfg.model.patch_proj_clip),
-                                cfg.model.patch_proj_clip))
         if log_layers:
             self.probe.snapshot_params()
             if self.optim_probe is not None:
@@ -518,8 +551,8 @@ class Trainer:
             self.nonfinite_in_a_row = self.spike_skips_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
-            self.writer.event(self.step, "nan_loss" if not torch.isfinite(loss_mean) else "skipped_step",
-                              f"loss={float(loss_mean):.4g} grad_norm={float(grad_norm):.4g}; update skipped")
+            self.writer.event(self.step, "nan_loss" if not math.isfinite(loss_value) else "skipped_step",
+                              f"loss={loss_value:.4g} grad_norm={grad_value:.4g}; update skipped")
         self.scaler.update()
         if log_layers:
             self.probe.record_update()  # a skipped step logs update_l2 = 0
@@ -527,11 +560,11 @@ class Trainer:
                 self.optim_probe.after_step()
         if self.knn is not None:
             feats = dist_utils.concat_all_gather(features.float())
-            self.knn.enqueue(feats, dist_utils.concat_all_gather(labels.to(self.device)))
+            self.knn.enqueue(feats, dist_utils.concat_all_gather(labels.to(self.device, non_blocking=True)))
         elapsed = time.perf_counter() - started
         return {
             "step": self.step, "epoch": self._epoch(self.step + 1), "lr": lr, "momentum": m,
-            "loss": float(loss_mean), "grad_norm": float(grad_norm),
+            "loss": loss_value, "grad_norm": grad_value,
             "patch_proj_grad_norm_clipped": clipped,
             "images_per_sec": cfg.optim.batch_size / elapsed, "step_time_s": elapsed,
             "loss_scale": float(self.scaler.get_scale()) if self.scaler.is_enabled() else None,
@@ -581,6 +614,8 @@ class Trainer:
                                 first_layer=self.probe.grouping.first_layer,
                                 last_block=self.probe.grouping.last_block)
         full_every = self._full_knn_every()
+        if full_every and self.is_main and self.step == 0:
+            self.evaluate_full_knn()  # the untrained network: the curve's baseline, at step -1
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.log.progress and self.is_main),
                    unit="step", dynamic_ncols=True)
         previous_handlers = self._stop_at_step_boundary()

@@ -1,5 +1,15 @@
 """MoCo v3 (Chen, Xie & He 2021): base encoder + projector + predictor, momentum encoder,
-symmetrised InfoNCE loss. Mirrors the official moco-v3 `MoCo` / `MoCo_ViT` forward.
+symmetrised InfoNCE loss. The maths of the official moco-v3 `MoCo` / `MoCo_ViT` forward, with
+both views through each backbone in one pass.
+
+Fused views. The ViT backbone has no batch-dependent layer (LayerNorm is per token, attention
+per image), so `backbone(cat(x1, x2))` equals `backbone(x1)`, `backbone(x2)` up to float
+rounding; one call of twice the batch halves the kernel launches and per-layer overhead. The
+heads have BatchNorm, whose batch statistics must stay per view as in the official code (each
+view is a separate call there), so the features are split before the heads and each view goes
+through the projector and predictor alone. A backbone with BatchNorm of its own
+(patch_proj=batchnorm) takes the views in two calls for the same reason. tests/test_moco.py
+checks loss, gradients and BatchNorm statistics against the two-call step.
 
 BYOL has the same architecture with another loss, so it is this module with
 `loss=trainer.byol.regression_loss` (see trainer/methods.py).
@@ -45,6 +55,8 @@ class MoCo(nn.Module):
         self.predictor = build_predictor(model_cfg)
         self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.fuse_views = not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                  for m in self.backbone.modules())
 
     def _momentum_pairs(self):
         """(base, momentum) parameter lists, without the base's frozen (requires_grad False) ones.
@@ -59,10 +71,14 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def update_momentum_encoder(self, m):
-        """theta_k <- m * theta_k + (1 - m) * theta_q, fused over all parameters."""
+        """theta_k <- m * theta_k + (1 - m) * theta_q, fused over all parameters.
+
+        m is a float or a 0-d tensor on the parameters' device; a tensor lets a compiled
+        forward take a new m every step without recompiling, and costs no host sync.
+        """
         base, mom = self._momentum_pairs()
         torch._foreach_mul_(mom, m)
-        torch._foreach_add_(mom, base, alpha=1 - m)
+        torch._foreach_add_(mom, torch._foreach_mul(base, 1 - m))
 
     def _loss(self, q, k):
         if self.loss is not None:
@@ -70,15 +86,25 @@ class MoCo(nn.Module):
         return contrastive_loss(q, concat_all_gather(k), self.temperature, get_rank())
 
     def forward(self, x1, x2, m):
-        """Symmetrised loss of two views, and the (detached) pooled backbone features of x1."""
-        f1 = self.backbone(x1)
+        """Symmetrised loss of two views, and the (detached) pooled backbone features of x1.
+
+        Queries come from the encoder before the momentum update, keys after it, as in the
+        official code. m: float or 0-d tensor (see update_momentum_encoder).
+        """
+        f1, f2 = self._features(self.backbone, x1, x2)
         q1 = self.predictor(self.projector(f1))
-        q2 = self.predictor(self.projector(self.backbone(x2)))
+        q2 = self.predictor(self.projector(f2))
         with torch.no_grad():
             self.update_momentum_encoder(m)
-            k1 = self.momentum_projector(self.momentum_backbone(x1))
-            k2 = self.momentum_projector(self.momentum_backbone(x2))
+            g1, g2 = self._features(self.momentum_backbone, x1, x2)
+            k1, k2 = self.momentum_projector(g1), self.momentum_projector(g2)
         return self._loss(q1, k2) + self._loss(q2, k1), f1.detach()
+
+    def _features(self, backbone, x1, x2):
+        """Backbone features of each view: one call on both (fuse_views), else one call each."""
+        if self.fuse_views:
+            return backbone(torch.cat([x1, x2])).chunk(2)
+        return backbone(x1), backbone(x2)
 
     @torch.no_grad()
     def backbone_features(self, x):
