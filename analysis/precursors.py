@@ -1,0 +1,91 @@
+"""Which signal moved first: for each gradient spike, when each probe signal had its own excursion.
+
+Each mechanism of a spike has its own early signal (docs/probes.md): Adam's stale second
+moment shows in `adam_freshness` (falling far below 1, then jumping above it) and in the
+update size (`update_l2`, `update_rms_over_lr`); attention collapse in a falling attention
+entropy and a growing max logit; a first-layer lead in the other layers' gradient norms.
+A signal "moves" where it passes the same spike rule as the gradient norms (`find_spikes`),
+applied to the signal for rises and to its reciprocal for falls, so no second set of
+thresholds exists. Its lead over a spike is the spike's first step minus the signal's first
+flagged step within `lookback` steps either side: positive means the signal moved first.
+
+Signals logged sparsely (attention every `log.attention_every` steps) count windows and
+warm-up in their own rows, as every rule does, so their first flags come later in a run.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .spikes import SpikeRule, find_spikes
+
+# signal -> (run table, directions that count as moving)
+SIGNALS = {
+    "grad_l2": ("layers", ("rise",)),
+    "update_l2": ("layers", ("rise",)),
+    "update_rms_over_lr": ("layers", ("rise",)),
+    "adam_freshness": ("layers", ("rise", "fall")),
+    "max_logit": ("attention", ("rise",)),
+    "entropy_mean": ("attention", ("fall",)),
+}
+LOOKBACK = 50
+ONSET_COLUMNS = ["layer", "step", "signal", "signal_layer", "direction", "onset_step", "lead"]
+TABLE_COLUMNS = ["signal", "n_spikes", "n_moved", "n_before", "n_same_step", "n_after",
+                 "median_lead", "min_lead", "max_lead"]
+
+
+def run_signals(run) -> dict[str, pd.DataFrame]:
+    """The run's probe signals as wide frames (index step, one column per layer or block).
+
+    Signals the run did not record (no optimizer-state probe, no attention table, an
+    optimizer without that state) are left out.
+    """
+    out = {}
+    for signal, (table, _) in SIGNALS.items():
+        long = run.layers if table == "layers" else run.table("attention")
+        if long is None or signal not in long.columns or long[signal].notna().sum() == 0:
+            continue
+        wide = long.pivot_table(index="step", columns="layer", values=signal, observed=True)
+        out[signal] = wide.dropna(axis=1, how="all")
+    return out
+
+
+def signal_onsets(events: pd.DataFrame, signals: dict[str, pd.DataFrame], *, rule=None,
+                  lookback: int = LOOKBACK) -> pd.DataFrame:
+    """Per spike event and signal, the earliest flagged move of that signal near the spike.
+
+    events: `find_spikes` rows (layer, step, ...); signals: name -> wide frame as
+    `run_signals` returns (names outside `SIGNALS` count rises only). Returns one row per
+    (event, signal) whose signal moved within `lookback` steps either side: the spike's layer
+    and step, the signal, the layer or block where it moved first, the direction, the
+    signal's first flagged step, and lead = step - onset_step (> 0: the signal came first).
+    """
+    rule = SpikeRule.parse(rule)
+    moves = []
+    for signal, wide in signals.items():
+        for direction in SIGNALS.get(signal, (None, ("rise",)))[1]:
+            values = wide if direction == "rise" else 1.0 / wide
+            found = find_spikes(values, rule)[["layer", "step"]]
+            moves.append(found.assign(signal=signal, direction=direction,
+                                      layer=found["layer"].astype(str)))
+    moves = pd.concat(moves, ignore_index=True) if moves else pd.DataFrame(
+        columns=["layer", "step", "signal", "direction"])
+    rows = []
+    for event in events.itertuples(index=False):
+        near = moves[(moves["step"] - event.step).abs() <= lookback]
+        for signal, group in near.groupby("signal", sort=False):
+            first = group.sort_values("step", kind="stable").iloc[0]
+            rows.append((str(event.layer), int(event.step), signal, first["layer"],
+                         first["direction"], int(first["step"]), int(event.step - first["step"])))
+    return pd.DataFrame(rows, columns=ONSET_COLUMNS)
+
+
+def precursor_table(onsets: pd.DataFrame, n_spikes: int) -> pd.DataFrame:
+    """Per signal: how many of `n_spikes` spikes it moved near, before, at and after, and the
+    median / range of its lead in steps (positive: before the spike)."""
+    rows = []
+    for signal, group in onsets.groupby("signal", sort=False):
+        lead = group["lead"].to_numpy()
+        rows.append((signal, n_spikes, len(lead), int((lead > 0).sum()), int((lead == 0).sum()),
+                     int((lead < 0).sum()), float(np.median(lead)), int(lead.min()), int(lead.max())))
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
