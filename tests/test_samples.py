@@ -118,3 +118,39 @@ def test_every_surface_counts_the_same_spikes(capsys):
     found = {layer.strip(" |"): int(v.split()[0]) for layer, v in zip(header, values) if v.strip(" |") != "0"}
     assert found == per_layer
     assert len(tables.first_layer_spikes([run]).splitlines()) - 2 == per_layer["patch_embed"]
+
+
+def test_eps_regime_reads_adam_state_per_group_from_checkpoints(tmp_path, capsys):
+    """experiments/eps_regime.py: median sqrt(v-hat) per group, against the optimizer state read
+    by parameter name, and the attention key bias, which has no gradient (softmax ignores a
+    shift shared by all keys), far below every trained block's median."""
+    import torch
+    from stabilitylab.cli import main
+    from test_train import TINY
+    from trainer.checkpoint import list_checkpoints
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out", str(run_dir), *TINY, "optim.max_steps=4", "knn.enabled=false"]) == 0
+    capsys.readouterr()
+    eps_regime = experiment_script("eps_regime")
+    checkpoint = list_checkpoints(run_dir)[-1]
+    medians = eps_regime.median_sqrt_v(run_dir, checkpoint)
+    assert list(medians)[:3] == ["patch_embed", "cls_token", "blocks.0"]
+    state = torch.load(checkpoint.path, weights_only=True)
+    names = [n for n, p in eps_regime.build_method(eps_regime.config_from_run(run_dir)).named_parameters()
+             if p.requires_grad]
+    by_name = dict(zip(names, state["optimizer"]["state"].values()))
+    t = float(by_name["backbone.patch_embed.proj.weight"]["step"])
+    beta2 = state["config"]["optim"]["betas"][1]
+    patch = torch.cat([(by_name[n]["exp_avg_sq"] / (1 - beta2 ** t)).sqrt().flatten()
+                       for n in names if n.startswith("backbone.patch_embed.")])
+    assert medians["patch_embed"] == pytest.approx(float(patch.median()), rel=1e-6)
+    qkv_bias = (by_name["backbone.blocks.0.attn.qkv.bias"]["exp_avg_sq"] / (1 - beta2 ** t)).sqrt()
+    key_bias = qkv_bias[qkv_bias.numel() // 3: 2 * qkv_bias.numel() // 3]
+    assert float(key_bias.max()) < 1e-3 * medians["blocks.0"]
+    assert eps_regime.main([str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"| {checkpoint.step} | " in out and "patch_embed" in out
+    with pytest.raises(SystemExit) as exit_info:
+        eps_regime.main([str(run_dir), "--steps", "999"])
+    assert exit_info.value.code == 2
