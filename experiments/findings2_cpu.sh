@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Round 2 of docs/findings.md (issue 15): thousands of steps of a *learning* regime at the
+# edge of stability, with the mechanism probes on. configs/cpu_edge.yaml: ViT width 64,
+# depth 8, 4 heads, 8-px patches, batch 256, AdamW, 300 warmup steps then a constant lr,
+# 3,000 steps on the full CIFAR-10 training split in ../shared/datasets/cifar10, fresh-bank
+# kNN (10k bank, 5k held-out queries) every 100 steps, a checkpoint every 250 steps, fp32.
+# A run is ~1.3 s a step on an idle core (~65 min); two at a time, one thread each.
+# Rerunning the script skips finished runs and resumes interrupted ones.
+# usage: EDGE=3.2e-2 bash experiments/findings2_cpu.sh [OUT_DIR]   (default runs/findings2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-runs/findings2}"
+edge="${EDGE:-3.2e-2}"   # the R1 edge lr: set it from R1's table before the stages below it
+C=(--config cpu_edge --jobs 2)
+
+# R1: the peak lr, one seed each (4e-3 is the smooth scouting run of the issue)
+stabilitylab sweep --out "$out/r1_lr" --grid optim.base_lr=4e-3,8e-3,1.6e-2,3.2e-2 --seeds 1 "${C[@]}"
+# R1, hotter: if nothing above spikes, the edge is higher still
+stabilitylab sweep --out "$out/r1_lr_hot" --grid optim.base_lr=6.4e-2,1.28e-1 --seeds 1 "${C[@]}"
+# R1 at the edge: seeds, and the controls (frozen projection, beta2 0.95, no warmup)
+stabilitylab sweep --out "$out/r1_edge" --grid model.patch_proj=learned,frozen --seeds 2 \
+    optim.base_lr="$edge" "${C[@]}"
+stabilitylab sweep --out "$out/r1_edge_beta2" --grid optim.base_lr="$edge" --seeds 2 "optim.betas=[0.9,0.95]" "${C[@]}"
+stabilitylab sweep --out "$out/r1_edge_nowarmup" --grid optim.warmup_steps=0 --seeds 2 optim.base_lr="$edge" "${C[@]}"
+# R2: batch 1024 with the linear lr rule (peak lr = 4 x edge), 1,000 steps, AdamW vs LAMB
+stabilitylab sweep --out "$out/r2_batch1024" --grid optim.name=adamw,lamb --seeds 2 \
+    optim.batch_size=1024 optim.max_steps=1000 optim.base_lr="$edge" "${C[@]}"
+# R3: eps raised until the patch projection's median sqrt(v-hat) is 1-10x eps; read the
+# medians first: python experiments/eps_regime.py "$out/r1_lr/base_lr=${edge}_seed0"
+# (at ~2e-3 for the patch projection in the R1 runs, so eps 2e-4 ... 2e-3)
+stabilitylab sweep --out "$out/r3_eps" --grid optim.eps=2e-4,1e-3 --seeds 2 optim.base_lr="$edge" "${C[@]}"
+# Precision: bf16 autocast at the edge (fp16 needs a GPU to be usable)
+stabilitylab sweep --out "$out/precision" --grid precision=bf16 --seeds 2 optim.base_lr="$edge" "${C[@]}"
