@@ -31,7 +31,7 @@ SIGNALS = {
 LOOKBACK = 50
 ONSET_COLUMNS = ["layer", "step", "signal", "signal_layer", "direction", "onset_step", "lead"]
 TABLE_COLUMNS = ["signal", "n_spikes", "n_moved", "n_before", "n_same_step", "n_after",
-                 "median_lead", "min_lead", "max_lead"]
+                 "median_lead", "min_lead", "max_lead", "chance_moved"]
 
 
 def run_signals(run) -> dict[str, pd.DataFrame]:
@@ -50,26 +50,31 @@ def run_signals(run) -> dict[str, pd.DataFrame]:
     return out
 
 
+def signal_moves(signals: dict[str, pd.DataFrame], rule=None) -> pd.DataFrame:
+    """Every flagged move of every signal: signal, layer, direction, step (`find_spikes` of
+    the signal for rises, of its reciprocal for falls). Names outside `SIGNALS` count rises."""
+    rule = SpikeRule.parse(rule)
+    moves = []
+    for signal, wide in signals.items():
+        for direction in SIGNALS.get(signal, (None, ("rise",)))[1]:
+            found = find_spikes(wide if direction == "rise" else 1.0 / wide, rule)
+            moves.append(pd.DataFrame({"signal": signal, "layer": found["layer"].astype(str),
+                                       "direction": direction, "step": found["step"]}))
+    return (pd.concat(moves, ignore_index=True) if moves
+            else pd.DataFrame(columns=["signal", "layer", "direction", "step"]))
+
+
 def signal_onsets(events: pd.DataFrame, signals: dict[str, pd.DataFrame], *, rule=None,
                   lookback: int = LOOKBACK) -> pd.DataFrame:
     """Per spike event and signal, the earliest flagged move of that signal near the spike.
 
     events: `find_spikes` rows (layer, step, ...); signals: name -> wide frame as
-    `run_signals` returns (names outside `SIGNALS` count rises only). Returns one row per
-    (event, signal) whose signal moved within `lookback` steps either side: the spike's layer
-    and step, the signal, the layer or block where it moved first, the direction, the
-    signal's first flagged step, and lead = step - onset_step (> 0: the signal came first).
+    `run_signals` returns. Returns one row per (event, signal) whose signal moved within
+    `lookback` steps either side: the spike's layer and step, the signal, the layer or block
+    where it moved first, the direction, the signal's first flagged step, and
+    lead = step - onset_step (> 0: the signal came first).
     """
-    rule = SpikeRule.parse(rule)
-    moves = []
-    for signal, wide in signals.items():
-        for direction in SIGNALS.get(signal, (None, ("rise",)))[1]:
-            values = wide if direction == "rise" else 1.0 / wide
-            found = find_spikes(values, rule)[["layer", "step"]]
-            moves.append(found.assign(signal=signal, direction=direction,
-                                      layer=found["layer"].astype(str)))
-    moves = pd.concat(moves, ignore_index=True) if moves else pd.DataFrame(
-        columns=["layer", "step", "signal", "direction"])
+    moves = signal_moves(signals, rule)
     rows = []
     for event in events.itertuples(index=False):
         near = moves[(moves["step"] - event.step).abs() <= lookback]
@@ -80,12 +85,24 @@ def signal_onsets(events: pd.DataFrame, signals: dict[str, pd.DataFrame], *, rul
     return pd.DataFrame(rows, columns=ONSET_COLUMNS)
 
 
-def precursor_table(onsets: pd.DataFrame, n_spikes: int) -> pd.DataFrame:
-    """Per signal: how many of `n_spikes` spikes it moved near, before, at and after, and the
-    median / range of its lead in steps (positive: before the spike)."""
+def precursor_table(events: pd.DataFrame, signals: dict[str, pd.DataFrame], *, rule=None,
+                    lookback: int = LOOKBACK) -> pd.DataFrame:
+    """Per signal: how many of the spikes it moved near (before, at, after), the median and
+    range of its lead in steps (positive: before the spike), and `chance_moved`: how many it
+    would have moved near anyway, n_spikes x the share of all logged steps that have one of
+    its moves within `lookback` steps. A signal that moves all the time is near every spike
+    at the longest lead; only n_moved well above chance_moved says something."""
+    onsets = signal_onsets(events, signals, rule=rule, lookback=lookback)
+    moves = signal_moves(signals, rule)
     rows = []
-    for signal, group in onsets.groupby("signal", sort=False):
-        lead = group["lead"].to_numpy()
-        rows.append((signal, n_spikes, len(lead), int((lead > 0).sum()), int((lead == 0).sum()),
-                     int((lead < 0).sum()), float(np.median(lead)), int(lead.min()), int(lead.max())))
+    for signal, wide in signals.items():
+        lead = onsets.loc[onsets["signal"] == signal, "lead"].to_numpy()
+        steps = wide.index.to_numpy()
+        moved = np.sort(moves.loc[moves["signal"] == signal, "step"].to_numpy())
+        covered = (np.searchsorted(moved, steps + lookback, side="right")
+                   > np.searchsorted(moved, steps - lookback, side="left"))
+        stats = ((float(np.median(lead)), int(lead.min()), int(lead.max())) if len(lead)
+                 else (np.nan, np.nan, np.nan))
+        rows.append((signal, len(events), len(lead), int((lead > 0).sum()), int((lead == 0).sum()),
+                     int((lead < 0).sum()), *stats, len(events) * float(covered.mean())))
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)

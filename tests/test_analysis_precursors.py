@@ -1,6 +1,7 @@
 """Which signal moved first: planted onsets of known lead, and the signals of a real probed run."""
 import numpy as np
 import pandas as pd
+import pytest
 
 from analysis import find_spikes
 from analysis.precursors import precursor_table, run_signals, signal_onsets
@@ -36,9 +37,22 @@ def test_planted_onsets_give_their_leads():
         assert got.loc[(spike, "update_l2"), "lead"] == 5
         assert got.loc[(spike, "adam_freshness"), ["direction", "lead"]].tolist() == ["fall", 9]
         assert got.loc[(spike, "max_logit"), "lead"] == -10
-    table = precursor_table(onsets, n_spikes=len(events)).set_index("signal")
+    table = precursor_table(events, signals, lookback=20).set_index("signal")
     assert table.loc["adam_freshness", ["n_moved", "n_before", "median_lead"]].tolist() == [2, 2, 9.0]
     assert table.loc["max_logit", ["n_before", "n_after"]].tolist() == [0, 2]
+    # freshness moved twice; each move is within 20 steps of 41 of the 2,000 steps
+    assert table.loc["adam_freshness", "chance_moved"] == pytest.approx(2 * 82 / 2000)
+
+
+def test_a_signal_that_moves_all_the_time_is_near_every_spike_by_chance():
+    rng = np.random.default_rng(2)
+    grad = _noise(rng, 3000, ["blocks.7"])
+    noisy = _noise(rng, 3000, ["blocks.7"])
+    grad.loc[[1000, 2000], "blocks.7"] *= 30
+    noisy.loc[np.arange(100, 3000, 15), "blocks.7"] *= 30  # a move every 15 steps
+    table = precursor_table(find_spikes(grad), {"grad_l2": grad, "update_l2": noisy}, lookback=20)
+    row = table.set_index("signal").loc["update_l2"]
+    assert row["n_moved"] == 2 and row["chance_moved"] > 1.8
 
 
 def test_a_signal_that_does_not_move_is_absent_and_lookback_bounds_the_search():
