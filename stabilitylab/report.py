@@ -164,7 +164,7 @@ def _run_section(run, a: RunAnalysis, plot: _Plots, heading: bool) -> dict:
     if len(run.steps):
         section["loss"] = plot(plots.loss_figure(run.steps))
     if len(run.knn):
-        section["knn"] = plot(plots.knn_figure(run.knn, a.dips, linear=linear_curve(getattr(run, "linear", None))))
+        section["knn"] = plot(plots.knn_figure(run.knn, a.dips, linear=linear_curve(run.linear)))
     if len(a.dips):
         section["dips"] = _dips_table(a.dips)
     if not a.grad_norms.empty:
