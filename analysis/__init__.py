@@ -3,7 +3,8 @@ run comparison.
 
 Pure pandas / numpy / scipy: plain DataFrames and Series in, DataFrames and dicts out.
 Never imports torch, trainer or stabilitylab; a run is anything with the attributes of
-`stabilitylab.run.Run` (name, config, meta, steps, layers, knn, events, grad_norms()).
+`stabilitylab.run.Run` (name, config, meta, steps, layers, knn, events, grad_norms(); `linear`
+optional: a run without it reads as never linear-probed).
 Methods and defaults: docs/analysis.md.
 """
 from .compare import compare_runs, config_table, display_table, figure6_table, seed_spread, varied_keys

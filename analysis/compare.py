@@ -7,17 +7,17 @@ import pandas as pd
 
 from .summary import summarize_run
 
-METRICS = ["knn_source", "final_top1", "best_top1", "n_dips", "deepest_dip", "dip_area", "roughness",
-           "n_first_layer_spikes", "n_spikes", "first_peak_ratio", "last_peak_ratio", "first_leads_frac",
-           "final_loss"]
-SPREAD_METRICS = ["final_top1", "best_top1", "n_dips", "deepest_dip", "dip_area", "roughness",
+METRICS = ["knn_source", "final_top1", "best_top1", "linear_top1", "n_dips", "deepest_dip", "dip_area",
+           "roughness", "n_first_layer_spikes", "n_spikes", "first_peak_ratio", "last_peak_ratio",
+           "first_leads_frac", "final_loss"]
+SPREAD_METRICS = ["final_top1", "best_top1", "linear_top1", "n_dips", "deepest_dip", "dip_area", "roughness",
                   "n_first_layer_spikes", "n_spikes", "first_peak_ratio", "last_peak_ratio", "final_loss"]
-# How `display_table` shows each metric: (factor, decimals). Top-1, dip depths and dip area
-# in percent (points; dip area in points x epochs), roughness in points; counts as integers
-# (decimals None), their means over seeds to one decimal.
-DISPLAY = {"final_top1": (100, 1), "best_top1": (100, 1), "deepest_dip": (100, 1), "dip_area": (100, 2),
-           "roughness": (100, 1), "n_dips": (1, None), "n_first_layer_spikes": (1, None), "n_spikes": (1, None),
-           "first_peak_ratio": (1, 1), "last_peak_ratio": (1, 1), "first_leads_frac": (1, 2),
+# How `display_table` shows each metric: (factor, decimals). Top-1 (kNN and linear), dip depths
+# and dip area in percent (points; dip area in points x epochs), roughness in points; counts as
+# integers (decimals None), their means over seeds to one decimal.
+DISPLAY = {"final_top1": (100, 1), "best_top1": (100, 1), "linear_top1": (100, 1), "deepest_dip": (100, 1),
+           "dip_area": (100, 2), "roughness": (100, 1), "n_dips": (1, None), "n_first_layer_spikes": (1, None),
+           "n_spikes": (1, None), "first_peak_ratio": (1, 1), "last_peak_ratio": (1, 1), "first_leads_frac": (1, 2),
            "final_loss": (1, 4)}
 
 
@@ -50,12 +50,14 @@ def compare_runs(runs, *, by=None, **summary_kwargs) -> pd.DataFrame:
     Config columns are `by` plus every dotted key whose value differs between the runs
     (e.g. "optim.base_lr", "optim.batch_size", "optim.name"). Metric columns are those of
     `summarize_run` (see METRICS): final/best kNN top-1 from `knn_source` ('val' when
-    present, else 'queue'), n_dips, deepest_dip, dip_area (top-1 x epochs), roughness (sum
-    of the falls between consecutive kNN evaluations), n_first_layer_spikes, n_spikes (spike
-    events in any layer), first_peak_ratio / last_peak_ratio (largest gradient norm over its
-    running median), first_leads_frac and final_loss, as fractions (`display_table` shows
-    them in percent and points). summary_kwargs go to `summarize_run` (e.g. rule=). A `by`
-    key that no run's config has raises UnknownKeyError.
+    present, else 'queue'), linear_top1 (the linear probe of the last probed checkpoint,
+    official protocol first; None for a run never probed), n_dips, deepest_dip, dip_area
+    (top-1 x epochs), roughness (sum of the falls between consecutive kNN evaluations),
+    n_first_layer_spikes, n_spikes (spike events in any layer), first_peak_ratio /
+    last_peak_ratio (largest gradient norm over its running median), first_leads_frac and
+    final_loss, as fractions (`display_table` shows them in percent and points).
+    summary_kwargs go to `summarize_run` (e.g. rule=). A `by` key that no run's config has
+    raises UnknownKeyError.
     """
     runs = list(runs)
     config = config_table(runs)
@@ -99,9 +101,11 @@ def figure6_table(compare_df: pd.DataFrame, variant="model.patch_proj", lr="opti
                   value="final_top1") -> pd.DataFrame:
     """Pivot `compare_runs` output to variant x learning rate (Chen et al. 2021, Figure 6).
 
-    Cells hold `value`, averaged over runs that share a cell (e.g. seeds).
+    Cells hold `value` (e.g. "final_top1" or "linear_top1", the paper's number), averaged
+    over the runs that share a cell (e.g. seeds) and have it; a cell no run has is NaN.
     """
-    return compare_df.pivot_table(index=variant, columns=lr, values=value, aggfunc="mean")
+    values = compare_df.assign(**{value: pd.to_numeric(compare_df[value], errors="coerce")})
+    return values.pivot_table(index=variant, columns=lr, values=value, aggfunc="mean", dropna=False)
 
 
 def seed_spread(compare_df: pd.DataFrame, *, seed="seed", metrics=None) -> pd.DataFrame:

@@ -15,6 +15,7 @@ import pandas as pd
 
 from .dips import find_knn_dips, knn_curves
 from .leadlag import LeadLagResult, spike_lead_lag
+from .linear import linear_summary
 from .spikes import SPIKE_COLUMNS, SpikeRule, find_spikes, running_ratio, valid_values
 
 FINAL_LOSS_STEPS = 100
@@ -62,6 +63,7 @@ def analyze_run(run, *, first=None, rule=None) -> RunAnalysis:
     }
     dips = find_knn_dips(run.knn)
     s.update(_knn_summary(run.knn, dips, s["notes"]))
+    s.update(linear_summary(getattr(run, "linear", None)))
     grad_norms = run.grad_norms() if len(run.layers) else pd.DataFrame()
     spikes, events, lead_lag = _spike_summary(grad_norms, first, meta.get("last_block"), rule, s)
     s.update(spikes)
@@ -82,6 +84,8 @@ def summarize_run(run, *, first=None, rule=None) -> dict:
     spike_rule (the rule's text), spike_window, spike_warmup;
     knn_source, final_top1, best_top1, n_dips, deepest_dip, dip_area (top-1 x epochs),
     roughness (sum of the falls between consecutive evaluations), all for that source;
+    linear_top1, linear_top5, linear_protocol, linear_step, linear_n_val (`linear_summary` of
+    the run's `linear` table: its last probed checkpoint; None each when never probed);
     dips (every source's dips, with `confirmed` by the other source and depth_noise, the
     depth in units of one evaluation's binomial noise), n_confirmed_dips, n_unconfirmed_dips;
     spikes (events per layer), n_first_layer_spikes;
@@ -255,10 +259,19 @@ def lead_lag_sentence(ll: dict, detail: bool = True) -> str:
     return text
 
 
+def linear_sentence(s: dict) -> str | None:
+    """The linear-probe numbers of a summary in one line, None when the run was never probed."""
+    if s.get("linear_top1") is None:
+        return None
+    return (f"Linear probe ({s['linear_protocol']}, step {_int(s['linear_step'])}): top-1 {_pct(s['linear_top1'])} "
+            f"/ top-5 {_pct(s['linear_top5'])} ({s['linear_n_val']:,} images)")
+
+
 def verdict_text(summary: dict) -> dict:
     """The verdict of a `summarize_run` dict as sentences: headline (one line: is the run
     unstable, where, does the first layer lead), rule, spikes, knn (the kNN source or None),
-    excursions (list), dips (list), lead_lag, warnings, notes. `format_summary` prints them; the report shows them."""
+    excursions (list), dips (list), lead_lag, linear (`linear_sentence`), warnings, notes.
+    `format_summary` prints them; the report shows them."""
     s = summary
     counts = {k: v for k, v in (s.get("spikes") or {}).items() if v}
     excursions = s.get("largest_excursions") or []
@@ -290,6 +303,7 @@ def verdict_text(summary: dict) -> dict:
         "excursions": [excursion_sentence(e) for e in excursions],
         "dips": [dip_sentence(d) for d in s.get("dips") or []],
         "lead_lag": lead_lag_sentence(ll) if ll else None,
+        "linear": linear_sentence(s),
         "warnings": list(s.get("warnings") or []),
         "notes": list(s.get("notes") or []),
     }
@@ -309,6 +323,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"Dips: {s['n_dips']} ({s['knn_source']}); over all sources {s['n_confirmed_dips']} "
                      f"confirmed, {s['n_unconfirmed_dips']} not confirmed by the other kNN")
         lines += [f"  {d}" for d in v["dips"]]
+    if v["linear"]:
+        lines.append(v["linear"])
     if v["spikes"] is not None:
         lines.append(f"Spike rule: {v['rule']}")
         lines.append(f"Spike events: {v['spikes']}")

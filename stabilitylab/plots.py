@@ -30,6 +30,9 @@ DIP_COLOR = "rgba(214, 39, 40, {alpha})"
 PALETTE = [qualitative.Safe[i] for i in (4, 1, 3, 0, 8, 6, 2, 5, 7, 9, 10)]
 DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
 LAYOUT = dict(template="plotly_white", hoverlabel=dict(namelength=-1), margin=dict(t=60))
+# representation collapse (knn table), a panel each below the kNN curve: (column, axis title)
+REPRESENTATION_ROWS = [("effective_rank", "effective rank"), ("feature_std", "feature std")]
+LINEAR_COLORS = {"official": "#222222", "fast": "#8c564b"}  # linear-probe markers per protocol
 
 
 def label(text) -> str:
@@ -40,6 +43,23 @@ def label(text) -> str:
 def translucent(color: str, alpha: float) -> str:
     """An `rgb(r, g, b)` colour of the palette as `rgba(r, g, b, alpha)`."""
     return color.replace("rgb(", "rgba(").replace(")", f", {alpha})")
+
+
+def log_ticks(values, max_ticks: int = 7) -> dict:
+    """Tick values and labels of a log axis over `values`: 1-2-5 steps (0.1, 0.2, 0.5, 1, 2,
+    ...) written out in full, or only the powers of ten when those would be more than
+    `max_ticks`; {} when there is no positive value. plotly's own log ticks label 20 and 50
+    as "2" and "5", which reads wrong in a short panel."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values) & (values > 0)]
+    if not len(values):
+        return {}
+    low, high = np.floor(np.log10(values.min())), np.ceil(np.log10(values.max()))
+    decades = 10.0 ** np.arange(low, high + 1)
+    ticks = [t for t in np.outer(decades, [1, 2, 5]).ravel() if values.min() / 1.1 <= t <= values.max() * 1.1]
+    if len(ticks) > max_ticks:
+        ticks = [t for t in decades if values.min() / 10 < t <= values.max() * 10]
+    return dict(tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
 
 
 def decimate(series: pd.Series, max_points: int = MAX_POINTS, keep=()) -> pd.Series:
@@ -226,7 +246,7 @@ def _knn_traces(rows: pd.DataFrame, name: str, color: str, max_points: int, keep
     if show_band and len(curve) > 1 and two_sigma.notna().any():
         upper, lower = y + two_sigma.fillna(0).to_numpy(), y - two_sigma.fillna(0).to_numpy()
         traces.append(go.Scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([upper, lower[::-1]]),
-                                 fill="toself", fillcolor=translucent(color, 0.18), line=dict(width=0),
+                                 mode="lines", fill="toself", fillcolor=translucent(color, 0.18), line=dict(width=0),
                                  hoverinfo="skip", showlegend=False, legendgroup=group, name=f"{name} ±2σ"))
     traces.append(go.Scatter(
         x=x, y=y, name=name, legendgroup=group, mode="lines+markers" if markers else "lines",
@@ -237,18 +257,28 @@ def _knn_traces(rows: pd.DataFrame, name: str, color: str, max_points: int, keep
     return traces
 
 
-def knn_figure(knn: pd.DataFrame, dips: pd.DataFrame | None = None,
-               max_points: int = MAX_POINTS) -> go.Figure:
+def knn_figure(knn: pd.DataFrame, dips: pd.DataFrame | None = None, max_points: int = MAX_POINTS,
+               linear: pd.DataFrame | None = None) -> go.Figure:
     """kNN top-1 vs step, one line per source (queue, val) with the binomial +-2 sigma band of
     each evaluation (`analysis.binomial_noise` with the row's n_queries), detected dips shaded.
 
     `dips` is a frame as from `analysis.find_knn_dips` (start_step, bottom_step, end_step,
     bottom, depth, depth_noise, confirmed); confirmed dips are shaded darker than the others.
+    `linear` is a frame as from `analysis.linear_curve` (step, protocol, top1, top5, n_val):
+    each protocol's linear-probe top-1 as diamonds with their +-2 sigma bars, on the same axes
+    (both are top-1 in %). When the kNN rows have `effective_rank` / `feature_std` (the
+    representation-collapse signals of the evaluated features), each gets a panel below on
+    the same step axis, so a fall in rank lines up with the dip above it.
     """
-    fig = go.Figure()
+    collapse = [(column, title) for column, title in REPRESENTATION_ROWS
+                if column in knn and knn[column].notna().any()]
+    fig = make_subplots(rows=1 + len(collapse), cols=1, shared_xaxes=True, vertical_spacing=0.05,
+                        row_heights=[3] + [1] * len(collapse))
     keep = _dip_steps(dips)
+    colors = {}
     for i, (source, rows) in enumerate(knn_curves(knn).items()):
-        fig.add_traces(_knn_traces(rows, label(source), PALETTE[i % len(PALETTE)], max_points, keep))
+        colors[source] = PALETTE[i % len(PALETTE)]
+        fig.add_traces(_knn_traces(rows, label(source), colors[source], max_points, keep), rows=1, cols=1)
     if dips is not None and not dips.empty:
         status = dip_status(dips)
         fig.update_layout(shapes=[  # one update: add_vrect per dip is slow for many dips
@@ -264,11 +294,36 @@ def knn_figure(knn: pd.DataFrame, dips: pd.DataFrame | None = None,
                                         [label(s) for s in sources]]),
             hovertemplate="%{customdata[3]} dip, bottom at step %{x}<br>top-1 %{y:.3g}%"
                           "<br>depth %{customdata[0]:.3g} points = %{customdata[1]:.3g} noise units"
-                          "<br>%{customdata[2]}"))
+                          "<br>%{customdata[2]}"), row=1, col=1)
+    curve = linear if linear is not None and len(linear) else pd.DataFrame(columns=["protocol"])
+    for protocol, rows in curve.groupby("protocol", sort=False):
+        color = LINEAR_COLORS.get(protocol, "#777777")
+        two_sigma = 200 * binomial_noise(rows["top1"], rows["n_val"].astype(float))
+        fig.add_trace(go.Scatter(
+            x=rows["step"], y=100 * rows["top1"], mode="markers", name=f"linear probe ({label(protocol)})",
+            marker=dict(symbol="diamond", size=10, color=color, line=dict(color="white", width=1)),
+            error_y=dict(type="data", array=two_sigma.to_numpy(), color=color),
+            customdata=np.column_stack([two_sigma, 100 * rows["top5"], rows["n_val"]]),
+            hovertemplate=f"linear probe ({label(protocol)}) of the step-%{{x}} checkpoint<br>top-1 %{{y:.3g}}% "
+                          "± %{customdata[0]:.3g} (2σ), top-5 %{customdata[1]:.3g}%<br>%{customdata[2]} images"),
+            row=1, col=1)
+    for row, (column, title) in enumerate(collapse, start=2):
+        for source, rows in knn.dropna(subset=[column]).groupby("source", sort=True):
+            series = decimate(rows.groupby("step")[column].last(), max_points)
+            fig.add_trace(go.Scatter(
+                x=series.index, y=series.to_numpy(), mode="lines+markers" if len(series) <= MAX_MARKERS else "lines",
+                name=f"{label(source)} {title}", legendgroup=label(source), showlegend=False,
+                line=dict(color=colors.get(source, PALETTE[0]), width=1.2), marker=dict(size=4),
+                hovertemplate=f"{label(source)}, step %{{x}}<br>{title} %{{y:.3g}}"), row=row, col=1)
+        fig.update_yaxes(title_text=title, row=row, col=1)
     fig.update_layout(**LAYOUT)
+    fig.update_xaxes(title_text="step", row=1 + len(collapse), col=1)
+    fig.update_yaxes(title_text="top-1 (%)", row=1, col=1)
     fig.update_layout(title="kNN top-1 (bands: ±2σ binomial noise of each evaluation; dips shaded, "
-                            "darker: confirmed by the other source)",
-                      xaxis_title="step", yaxis_title="top-1 (%)", title_font_size=14)
+                            "darker: confirmed by the other source)"
+                            + ("; linear probes: diamonds" if len(curve) else "")
+                            + ("; below: the evaluated features' effective rank and std" if collapse else ""),
+                      title_font_size=14, height=450 + 170 * len(collapse))
     return fig
 
 
@@ -402,7 +457,7 @@ def seed_band_figure(runs, source="val", x=None, keys=None, styles=None) -> go.F
         color, xs = colors[name], band.index.to_numpy()
         fig.add_trace(go.Scatter(x=np.concatenate([xs, xs[::-1]]),
                                  y=np.concatenate([band["mean"] + band["std"], (band["mean"] - band["std"])[::-1]]),
-                                 fill="toself", fillcolor=translucent(color, 0.2), line=dict(width=0),
+                                 mode="lines", fill="toself", fillcolor=translucent(color, 0.2), line=dict(width=0),
                                  hoverinfo="skip", showlegend=False, legendgroup=label(name)))
         fig.add_trace(go.Scatter(
             x=xs, y=band["mean"], name=f"{label(name)} (n={int(band['n'].iloc[0])})", legendgroup=label(name),

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis import SpikeRule, find_spikes, knn_curves, running_ratio
-from stabilitylab.plots import MAX_POINTS, decimate, label
+from stabilitylab.plots import LAYOUT, MAX_POINTS, PALETTE, decimate, label, log_ticks
 from stabilitylab.run import pivot_layers
 
 OPTIMIZER_ROWS = [  # (column, axis title, log axis)
@@ -68,13 +69,26 @@ def _spike_steps(run, layer: str, rule) -> list[int]:
     return find_spikes(grad, rule)["step"].tolist() if layer in grad else []
 
 
+def _onset_lines(fig: go.Figure, rows: int, col: int, steps) -> list[dict]:
+    """Dotted vertical lines at `steps` through every row of subplot column `col`."""
+    shapes = []
+    for row in range(1, rows + 1):
+        axes = fig.get_subplot(row, col)
+        xref, yref = axes.xaxis.plotly_name.replace("axis", ""), axes.yaxis.plotly_name.replace("axis", "")
+        shapes += [dict(type="line", xref=xref, yref=f"{yref} domain", x0=step, x1=step, y0=0, y1=1,
+                        layer="below", line=dict(color=SPIKE_COLOR, width=1, dash="dot")) for step in steps]
+    return shapes
+
+
 def _side_by_side(table: pd.DataFrame, layers: list[str], rows, title: str, spikes: dict,
                   max_points: int) -> go.Figure:
-    """One column per layer, one row per (column, axis title, log) of `rows`, spikes marked."""
+    """One column per layer, one row per (columns, axis title, log) of `rows`; each layer's
+    gradient-spike onsets (`spikes`: layer -> steps) as dotted lines through its column."""
     fig = make_subplots(rows=len(rows), cols=len(layers), shared_xaxes=True, vertical_spacing=0.05,
                         horizontal_spacing=0.08, column_titles=[label(layer) for layer in layers])
     for r, (columns, axis, log) in enumerate(rows, start=1):
         for c, layer in enumerate(layers, start=1):
+            shown = []
             for k, column in enumerate(columns):
                 wide = pivot_layers(_long(table, [layer])[["step", "layer", column]], column)
                 if layer not in wide:
@@ -82,21 +96,24 @@ def _side_by_side(table: pd.DataFrame, layers: list[str], rows, title: str, spik
                 series = wide[layer].dropna()
                 if log:
                     series = series[series > 0]
-                keep = [s for s in spikes.get(layer, []) if s in series.index]
-                line = decimate(series, max_points, keep)
+                line = decimate(series, max_points, [s for s in spikes.get(layer, []) if s in series.index])
+                shown.append(line.to_numpy())
                 fig.add_trace(go.Scatter(x=line.index, y=line.to_numpy(), mode="lines", name=label(column),
-                                         line=dict(color=_color(c - 1), dash=("solid", "dot")[k % 2]),
-                                         legendgroup=column, showlegend=c == 1 and len(columns) > 1),
+                                         line=dict(color=PALETTE[(c - 1) % len(PALETTE)], dash=("solid", "dot")[k % 2]),
+                                         legendgroup=column, showlegend=c == 1 and len(columns) > 1,
+                                         hovertemplate=f"{label(layer)}, step %{{x}}<br>{label(column)} %{{y:.3g}}"
+                                                       "<extra></extra>"),
                               row=r, col=c)
-                if keep and column == columns[0]:
-                    fig.add_trace(go.Scatter(x=keep, y=series.reindex(keep).to_numpy(), mode="markers",
-                                             marker=dict(symbol="x", size=7, color=SPIKE_COLOR),
-                                             name="gradient spike onset", legendgroup="spike",
-                                             showlegend=r == 1 and c == 1), row=r, col=c)
-            fig.update_yaxes(title_text=axis if c == 1 else None, type="log" if log else "linear", row=r, col=c)
+            ticks = log_ticks(np.concatenate(shown)) if log and shown else dict(tickformat="~g")  # no "200µ"
+            fig.update_yaxes(title_text=axis if c == 1 else None, type="log" if log else "linear", row=r, col=c,
+                             **ticks)
+    shapes = [shape for c, layer in enumerate(layers, start=1)
+              for shape in _onset_lines(fig, len(rows), c, spikes.get(layer, []))]
     for c in range(1, len(layers) + 1):
         fig.update_xaxes(title_text="step", row=len(rows), col=c)
-    fig.update_layout(title=title, height=170 * len(rows) + 120, margin=dict(t=90))
+    fig.update_layout(**LAYOUT)
+    fig.update_layout(title=title, title_font_size=14, height=170 * len(rows) + 120, margin=dict(t=90),
+                      shapes=shapes)
     return fig
 
 
@@ -111,7 +128,8 @@ def optimizer_state_figure(run, *, layers=None, rule=None, max_points: int = MAX
     layers = list(layers or first_and_last(run, table["layer"].unique()))
     spikes = {layer: _spike_steps(run, layer, rule) for layer in layers}
     return _side_by_side(table, layers, [([col], axis, log) for col, axis, log in present],
-                         "Optimizer state: first layer and last block (× gradient-spike onset)", spikes, max_points)
+                         f"Optimizer state: first layer and last block (dotted red: the layer's gradient-spike "
+                         f"onsets under {SpikeRule.parse(rule)})", spikes, max_points)
 
 
 def attention_figure(run, *, blocks=None, rule=None, max_points: int = MAX_POINTS) -> go.Figure | None:
@@ -124,8 +142,8 @@ def attention_figure(run, *, blocks=None, rule=None, max_points: int = MAX_POINT
     blocks = list(blocks or dict.fromkeys([names[0], first_and_last(run, names)[1]]))
     spikes = {block: _spike_steps(run, block, rule) for block in blocks}
     rows = [(["entropy_mean", "entropy_min"], "entropy / log N", False), (["max_logit"], "max logit", False)]
-    return _side_by_side(table, blocks, rows, "Attention: first and last block (× gradient-spike onset)",
-                         spikes, max_points)
+    return _side_by_side(table, blocks, rows, "Attention: first and last block (dotted red: the block's "
+                         f"gradient-spike onsets under {SpikeRule.parse(rule)})", spikes, max_points)
 
 
 def optimizer_state_section(run, *, rule=None) -> Section | None:
@@ -174,6 +192,8 @@ def replay_comparisons(run, replays=None, *, rule=None) -> list[ReplayComparison
 
     rule = SpikeRule.parse(rule)
     replays = find_replays(run) if replays is None else replays
+    if not replays:
+        return []
     grad = run.grad_norms()
     windows: dict[tuple[int, int], list] = {}
     for replay in replays:
@@ -205,46 +225,69 @@ def replay_comparisons(run, replays=None, *, rule=None) -> list[ReplayComparison
 
 def replay_figure(comparison: ReplayComparison) -> go.Figure:
     """Left: the largest ratio per layer in the window, one bar per replay (log y). Right: the
-    kNN top-1 over the replayed steps, one line per replay and source."""
+    kNN top-1 over the replayed steps, one line per replay and source (val dotted)."""
     fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.1, subplot_titles=[
         f"largest ‖g‖ / running median, steps {comparison.window[0]}–{comparison.window[1]}",
         f"kNN top-1, steps {comparison.start}–{comparison.window[1]}"])
     layers = [c for c in comparison.ratios.columns if c != "spikes"]
-    colors = {name: i for i, name in enumerate(comparison.ratios.index)}
+    colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(comparison.ratios.index)}
     for name, row in comparison.ratios.iterrows():
         fig.add_trace(go.Bar(x=[label(layer) for layer in layers], y=row[layers].to_numpy(dtype=float),
-                             name=label(name), legendgroup=name, marker_color=_color(colors[name])),
+                             name=label(name), legendgroup=label(name), marker_color=colors[name],
+                             hovertemplate=f"{label(name)}<br>%{{x}}: %{{y:.3g}}x running median<extra></extra>"),
                       row=1, col=1)
     for (name, source), rows in comparison.knn.groupby(["replay", "source"], sort=False):
         fig.add_trace(go.Scatter(x=rows["step"], y=rows["top1"] * 100, mode="lines+markers",
-                                 name=f"{label(name)} ({label(source)})", legendgroup=name,
+                                 name=f"{label(name)} ({label(source)})", legendgroup=label(name),
                                  line=dict(dash="solid" if source == "queue" else "dot",
-                                           color=_color(colors.get(name, 0)))), row=1, col=2)
-    fig.update_yaxes(type="log", title_text="× running median", row=1, col=1)
+                                           color=colors.get(name, PALETTE[0])),
+                                 hovertemplate=f"{label(name)} ({label(source)})<br>step %{{x}}: top-1 %{{y:.3g}}%"
+                                               "<extra></extra>"), row=1, col=2)
+    ratios = comparison.ratios[layers].to_numpy(dtype=float).ravel()
+    ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
+    span = [np.log10(ratios.min()) - 0.1, np.log10(ratios.max()) + 0.1] if len(ratios) else None
+    fig.update_yaxes(type="log", title_text="× running median", row=1, col=1, range=span, **log_ticks(ratios))
     fig.update_yaxes(title_text="top-1 (%)", row=1, col=2)
     fig.update_xaxes(title_text="step", row=1, col=2)
-    fig.update_layout(title=f"Replay at step {comparison.at}: each mitigation beside the original",
+    fig.update_layout(**LAYOUT)
+    fig.update_layout(title=f"Replay at step {comparison.at}: each mitigation beside the original", title_font_size=14,
                       barmode="group", height=460, margin=dict(t=90))
     return fig
 
 
-def _color(i: int) -> str:
-    palette = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d"]
-    return palette[i % len(palette)]
+def common_knn(comparison: ReplayComparison) -> tuple[str | None, int | None, pd.Series]:
+    """(source, step, top-1 per replay) of the last kNN evaluation in the window that the
+    original and every replay with rows share: the fresh-bank `val` source when the window
+    has it (less noisy), else `queue`. A replay's last step is often an extra evaluation
+    that the original never made, so "the last value" of each would compare different steps."""
+    knn = comparison.knn
+    if knn.empty:
+        return None, None, pd.Series(dtype=float)
+    source = "val" if (knn["source"] == "val").any() else "queue"
+    curve = knn[knn["source"] == source]
+    shared = set.intersection(*(set(rows["step"]) for _, rows in curve.groupby("replay")))
+    if not shared:
+        return source, None, pd.Series(dtype=float)
+    step = max(shared)
+    return source, step, curve[curve["step"] == step].groupby("replay")["top1"].last()
 
 
 def replay_sections(run, *, rule=None) -> list[Section]:
-    """One section per replayed window: the figure and the table of `replay_comparisons`."""
+    """One section per replayed window: the figure and the table of `replay_comparisons`,
+    with the kNN top-1 of each replay at the window's last shared evaluation (`common_knn`)."""
     sections = []
     for comparison in replay_comparisons(run, rule=rule):
         table = comparison.ratios.round(1).rename_axis("replay").reset_index()
-        knn = comparison.knn  # the fresh-bank (val) number when the window has one: less noisy
-        curve = knn[knn["source"] == ("val" if (knn["source"] == "val").any() else "queue")]
-        top1 = curve.sort_values("step").groupby("replay")["top1"].last() * 100
-        table["kNN top-1 at the end (%)"] = table["replay"].map(top1).round(1)
+        source, step, top1 = common_knn(comparison)
+        if step is not None:
+            table[f"kNN top-1 ({source}) at step {step} (%)"] = table["replay"].map(top1 * 100).round(1)
+        knn_words = (f"the kNN top-1 is the {source} one at step {step}, the last evaluation in the window that "
+                     "the original and every replay share" if step is not None else
+                     "the original and the replays share no kNN evaluation in the window")
         sections.append(Section(f"Replay at step {comparison.at}", [replay_figure(comparison)], [table], note=(
-            f"Steps {comparison.start}–{comparison.window[1]} rerun from a checkpoint; the ratios and spike "
-            f"counts cover steps {comparison.window[0]}–{comparison.window[1]} on the original run's baseline; "
-            "the kNN top-1 at the end is the fresh-bank (val) one when the window has one, else the queue's. "
-            "A frozen patch projection was frozen at its weights at the checkpoint.")))
+            f"Steps {comparison.start}–{comparison.window[1]} rerun from a checkpoint, once unchanged and once per "
+            f"mitigation. The largest ratio per layer and the spike counts cover steps {comparison.window[0]}–"
+            f"{comparison.window[1]}, each replay on the original run's baseline (its history before the "
+            f"replay); {knn_words}. A frozen patch projection was frozen at its weights at the checkpoint "
+            "(so that replay logs no patch_embed).")))
     return sections

@@ -6,7 +6,8 @@ from the Jinja2 templates in `stabilitylab/templates/` with autoescaping, so eve
 path and config value is escaped by the template engine; plot specs go into
 `<script type="application/json">` blocks with `<`, `>`, `&` written as `\\u` escapes. The
 verdict block of a run shows `analysis.verdict_text` of the same `summarize_run` dict that
-`stabilitylab analyze` prints. plotly.js is inlined once, gzip-compressed and
+`stabilitylab analyze` prints. The mechanism-probe and replay sections are the `Section`s of
+`stabilitylab.plots_probes`, rendered by the template's `section` macro. plotly.js is inlined once, gzip-compressed and
 base64-encoded (about 2 MB instead of 4.8 MB); the page inflates it with the browser's
 DecompressionStream. The figures come from `stabilitylab.plots`; no torch is imported.
 """
@@ -27,9 +28,9 @@ from markupsafe import Markup
 from plotly.offline import get_plotlyjs
 
 import stabilitylab
-from analysis import compare_runs, display_table, figure6_table, knn_curves
+from analysis import compare_runs, display_table, figure6_table, knn_curves, linear_curve
 from analysis.summary import RunAnalysis, analyze_run, verdict_text
-from stabilitylab import plots
+from stabilitylab import plots, plots_probes
 from stabilitylab.figures import write_figures
 
 __all__ = ["build_report", "write_report", "write_figures"]
@@ -42,6 +43,8 @@ OVERVIEW_COLUMNS = ["run", "status", "dataset", "model preset", "patch projectio
                     "batch size", "optimizer", "duration", "steps logged"]
 SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 TITLE_NAMES = 4  # a title names at most this many runs
+FIGURE6_VALUES = [("Final kNN top-1 (%), variant × learning rate (Figure 6 form)", "final_top1"),
+                  ("Linear-probe top-1 (%), variant × learning rate (Figure 6 form)", "linear_top1")]
 
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("stabilitylab", "templates"),
                                autoescape=True, undefined=jinja2.StrictUndefined,
@@ -157,11 +160,11 @@ def _run_section(run, a: RunAnalysis, plot: _Plots, heading: bool) -> dict:
     verdict = verdict_text(a.summary)
     section = dict(name=run.name, heading=heading, header=list(_key_values(run).items()), verdict=verdict,
                    status=_status(run), empty=run.steps.empty and run.knn.empty and a.grad_norms.empty,
-                   loss=None, knn=None, dips=None, heatmap=None, relative=None, lead_lag=None)
+                   loss=None, knn=None, dips=None, heatmap=None, relative=None, lead_lag=None, probes=[])
     if len(run.steps):
         section["loss"] = plot(plots.loss_figure(run.steps))
     if len(run.knn):
-        section["knn"] = plot(plots.knn_figure(run.knn, a.dips))
+        section["knn"] = plot(plots.knn_figure(run.knn, a.dips, linear=linear_curve(run.linear)))
     if len(a.dips):
         section["dips"] = _dips_table(a.dips)
     if not a.grad_norms.empty:
@@ -173,7 +176,16 @@ def _run_section(run, a: RunAnalysis, plot: _Plots, heading: bool) -> dict:
         section["lead_lag"] = dict(
             summary=ll.summary, table=table(ll.per_layer, {"frac_first_leads": _pct}),
             histogram=plot(plots.lag_histogram(ll.matches, ll.max_lag)) if len(ll.matches) else None)
+    probes = [plots_probes.optimizer_state_section(run, rule=a.rule), plots_probes.attention_section(run, rule=a.rule),
+              *plots_probes.replay_sections(run, rule=a.rule)]
+    section["probes"] = [_section(s, plot) for s in probes if s is not None]
     return section
+
+
+def _section(s: plots_probes.Section, plot: _Plots) -> dict:
+    """A `plots_probes.Section` for the template's `section` macro."""
+    return dict(title=s.title, note=s.note, plots=[plot(fig) for fig in s.figures],
+                tables=[table(t) for t in s.tables])
 
 
 def _figure4_layers(a: RunAnalysis) -> list[str]:
@@ -254,19 +266,20 @@ def _comparison(runs, analyses, plot: _Plots, rule) -> dict:
         figures.append(plots.overlay_first_layer(runs, styles=styles))
     return dict(overview=table(overview[OVERVIEW_COLUMNS]),
                 verdicts=[(r.name, verdict_text(a.summary)["headline"]) for r, a in zip(runs, analyses)],
-                compared=table(display_table(compared)), figure6=_figure6(compared),
-                plots=[plot(fig) for fig in figures])
+                compared=table(display_table(compared)), plots=[plot(fig) for fig in figures],
+                figure6=[(heading, grid) for heading, value in FIGURE6_VALUES
+                         if (grid := _figure6(compared, value)) is not None])
 
 
-def _figure6(compared: pd.DataFrame) -> Table | None:
-    """figure6_table (in %) when the runs form a grid of >= 2 variants x >= 2 lrs."""
+def _figure6(compared: pd.DataFrame, value: str) -> Table | None:
+    """figure6_table of `value` (in %) when the runs form a grid of >= 2 variants x >= 2 lrs
+    and some run has the value."""
     variant, lr = "model.patch_proj", "optim.base_lr"
-    if not {variant, lr} <= set(compared.columns) or compared["final_top1"].isna().all():
+    if not {variant, lr, value} <= set(compared.columns) or compared[value].isna().all():
         return None
     if compared[variant].nunique() < 2 or compared[lr].nunique() < 2:
         return None
-    values = compared.assign(final_top1=pd.to_numeric(compared["final_top1"], errors="coerce"))
-    grid = figure6_table(values, variant=variant, lr=lr) * 100
+    grid = figure6_table(compared, variant=variant, lr=lr, value=value) * 100
     grid.columns = [f"base lr {c:g}" for c in grid.columns]
     return table(grid.rename_axis("patch projection").reset_index(),
                  {c: (lambda v: "–" if pd.isna(v) else f"{v:.2f}") for c in grid.columns})

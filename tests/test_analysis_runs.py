@@ -7,7 +7,7 @@ import pytest
 
 from pathlib import Path
 
-from analysis import compare_runs, figure6_table, format_summary, seed_spread, summarize_run
+from analysis import compare_runs, display_table, figure6_table, format_summary, seed_spread, summarize_run
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data_samples" / "runs"
 
@@ -266,3 +266,44 @@ def test_seed_spread_against_numpy():
     table["extra"] = np.arange(len(table))  # a metric of the caller's own
     extra = seed_spread(table, metrics=["extra"])
     assert len(extra) == 4 and list(extra["extra_mean"]) == [1.0, 4.0, 7.0, 10.0]
+
+
+def linear_rows(*rows):
+    """A `linear` table: (step, protocol, top1, top5, n_val), probed one after the other."""
+    frame = pd.DataFrame(rows, columns=["step", "protocol", "top1", "top5", "n_val"])
+    return frame.assign(time=pd.date_range("2026-01-01", periods=len(frame), freq="h", tz="UTC"))
+
+
+def test_the_linear_probe_reaches_the_summary_its_text_compare_and_figure6():
+    probed = make_run("probed")
+    probed.linear = linear_rows((1000, "fast", 0.20, 0.6, 1000), (2999, "fast", 0.25, 0.7, 1000),
+                                (2999, "official", 0.3125, 0.75, 10_000))
+    summary = summarize_run(probed)
+    json.dumps(summary, allow_nan=False)
+    assert {k: summary[k] for k in summary if k.startswith("linear_")} == dict(
+        linear_top1=0.3125, linear_top5=0.75, linear_protocol="official", linear_step=2999, linear_n_val=10_000)
+    assert "Linear probe (official, step 2999): top-1 31.2% / top-5 75.0% (10,000 images)" in format_summary(summary)
+    bare = summarize_run(make_run("never probed"))
+    assert bare["linear_top1"] is None and bare["linear_step"] is None
+    assert "Linear probe" not in format_summary(bare)
+
+    # a 2 x 2 grid, one cell (frozen, 1e-2) never probed, one (learned, 1e-3) probed for two seeds
+    runs = []
+    for proj, lr, seed, top1 in [("learned", 1e-3, 0, 0.30), ("learned", 1e-3, 1, 0.40), ("learned", 1e-2, 0, 0.20),
+                                 ("frozen", 1e-3, 0, 0.35), ("frozen", 1e-2, 0, None)]:
+        run = make_run(f"{proj}-{lr}-{seed}", patch_proj=proj, lr=lr, seed=seed)
+        if top1 is not None:
+            run.linear = linear_rows((2999, "fast", top1, 0.8, 1000))
+        runs.append(run)
+    table = compare_runs(runs)
+    assert "linear_top1" in table and table.columns.get_loc("linear_top1") > table.columns.get_loc("best_top1")
+    assert table.set_index("run")["linear_top1"].tolist()[:4] == [0.30, 0.40, 0.20, 0.35]
+    assert pd.isna(table.set_index("run").at["frozen-0.01-0", "linear_top1"])
+    shown = display_table(table).set_index("run")["linear_top1"]
+    assert shown["learned-0.001-1"] == 40.0 and pd.isna(shown["frozen-0.01-0"])
+    grid = figure6_table(table, value="linear_top1")
+    assert grid.shape == (2, 2) and pd.isna(grid.at["frozen", 1e-2])
+    assert grid.at["learned", 1e-3] == pytest.approx(0.35) and grid.at["learned", 1e-2] == pytest.approx(0.20)
+    spread = seed_spread(table)
+    assert spread.set_index(["model.patch_proj", "optim.base_lr"]).at[("learned", str(1e-3)), "linear_top1_mean"] \
+        == pytest.approx(0.35)

@@ -8,7 +8,7 @@ import torch
 
 import stabilitylab as sl
 from stabilitylab.cli import main
-from stabilitylab.plots_probes import replay_comparisons, replay_sections
+from stabilitylab.plots_probes import common_knn, replay_comparisons, replay_sections
 from stabilitylab.replay import choose_checkpoint, find_replays
 from trainer.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -115,6 +115,10 @@ def test_replay_section_compares_each_replay_on_the_original_baseline(replayed):
     [fig], [table] = section.figures, section.tables
     bars = [t for t in fig.data if t.type == "bar"]
     assert [t.name for t in bars] == list(ratios.index) and len(bars[0].x) == len(original.grad_norms().columns)
-    assert {"replay", "patch_embed", "spikes", "kNN top-1 at the end (%)"} <= set(table.columns)
-    assert table["kNN top-1 at the end (%)"].between(0, 100).all()
+    [knn_column] = [c for c in table.columns if c.startswith("kNN top-1")]
+    assert {"replay", "patch_embed", "spikes"} <= set(table.columns)
+    source, step, top1 = common_knn(comparison)  # one step that every replay and the original evaluated
+    assert knn_column == f"kNN top-1 ({source}) at step {step} (%)" and step <= comparison.window[1]
+    for name, rows in comparison.knn[comparison.knn["source"] == source].groupby("replay"):
+        assert table.set_index("replay").at[name, knn_column] == round(100 * rows.set_index("step").at[step, "top1"], 1)
     fig.to_json()  # serialisable for the HTML report

@@ -152,6 +152,24 @@ def test_several_runs_compare_and_form_the_figure6_grid(grid_dirs):
     assert rest.count('class="plot"') == 3 + 5 * len(runs)
 
 
+def test_the_figure6_grid_of_linear_probes_leaves_unprobed_cells_empty(grid_dirs, tmp_path):
+    import shutil
+
+    paths = [shutil.copytree(p, tmp_path / p.name) for p in grid_dirs]
+    for path, top1 in zip(paths, [0.3125, 0.25, 0.375]):  # the last run (frozen, 3e-4) never probed
+        writer = RunWriter(path, append=True)
+        writer.append("linear", {"step": [1499], "protocol": ["fast"], "top1": [top1], "top5": [0.9],
+                                 "n_val": [1000], "time": [pd.Timestamp.now(tz="UTC")]})
+        writer.close()
+    page = build_report(sl.load_runs(paths))
+    assert "Final kNN top-1 (%), variant × learning rate (Figure 6 form)" in page
+    grids = page[page.index("Linear-probe top-1 (%), variant × learning rate"):]
+    rows = [page_text(row).split() for row in re.findall(r"<tr>(.*?)</tr>", grids[:grids.index("</table>")], re.S)]
+    assert rows == [["patch", "projection", "base", "lr", "0.0001", "base", "lr", "0.0003"],
+                    ["frozen", "37.50", "–"], ["learned", "31.25", "25.00"]]
+    assert "linear_top1" in page_text(page)  # the compared table's column
+
+
 def test_no_figure6_table_without_a_grid(grid_dirs):
     page = build_report(sl.load_runs(grid_dirs[:2]))  # one variant, two lrs
     assert "Comparison" in page and "Figure 6 form" not in page
@@ -437,7 +455,7 @@ def test_sweep_report_has_a_short_title_and_a_seed_band_per_setting():
     page = build_report(runs)
     assert "<h1>variants_lr1e-1: 12 runs</h1>" in page
     band = next(f for f in plot_specs(page) if "mean and ±1 sd over seeds" in f["layout"]["title"]["text"])
-    means = {t["name"]: t for t in band["data"] if t.get("mode", "").startswith("lines")}
+    means = {t["name"]: t for t in band["data"] if t.get("showlegend", True)}  # the bands have no legend entry
     assert sorted(means) == [f"patch_proj={v} (n=3)" for v in ("batchnorm", "frozen", "learned", "weightnorm")]
     learned = [r for r in runs if r.config_value("model.patch_proj") == "learned"]
     val = pd.concat([r.knn[r.knn["source"] == "val"].groupby("step")["top1"].last() * 100 for r in learned],
@@ -494,3 +512,66 @@ def test_static_figure4_marks_the_rule_s_spikes():
         events = find_spikes(grad_norms[["patch_embed", "blocks.3"]], rule)
         assert marked == len(events)
     assert marked == 0
+
+
+PROBED = SAMPLES / "probed" / "learned_lr1e-1"
+XSS_MITIGATION = "<img src=x onerror=alert(4)>"
+
+
+def test_a_probed_run_shows_its_probes_replays_linear_probe_and_collapse_signals():
+    """The committed run with every instrument: optimizer state and attention (first layer and
+    last block side by side), its replay window, the linear probe in the verdict and on the
+    kNN figure, the representation-collapse panels; numbers against the run's own tables."""
+    from analysis import linear_curve
+    from stabilitylab import plots_probes
+
+    run = sl.load_run(PROBED)
+    page = build_report([run])
+    assert len(page.encode()) <= 2_500_000
+    text = page_text(plotlyjs_removed(page))
+    headings = re.findall(r"<h3>(.*?)</h3>", page)
+    assert headings[-3:] == ["Optimizer state", "Attention", "Replay at step 96"]
+    line = "Linear probe (fast, step 155): top-1 20.8% / top-5 70.8% (1,000 images)"
+    assert line in text and line in format_summary(summarize_run(run))
+    titles = [spec["layout"]["title"]["text"] for spec in plot_specs(page)]
+    assert sum(t.startswith("Optimizer state") or t.startswith("Attention") or t.startswith("Replay at")
+               for t in titles) == 3
+
+    optimizer = plots_probes.optimizer_state_figure(run)
+    assert [a.text for a in optimizer.layout.annotations] == ["patch_embed", "blocks.3"]
+    attention = plots_probes.attention_figure(run)
+    assert [a.text for a in attention.layout.annotations] == ["blocks.0", "blocks.3"]
+    # blocks.0's one gradient spike (step 96) as a line through both rows of its column only
+    assert sorted((s.x0, s.xref) for s in attention.layout.shapes) == [(96, "x"), (96, "x3")]
+
+    knn = plots.knn_figure(run.knn, find_knn_dips(run.knn), linear=linear_curve(run.linear))
+    [probe] = [t for t in knn.data if t.name == "linear probe (fast)"]
+    assert list(probe.x) == [155] and list(probe.y) == pytest.approx([100 * run.linear["top1"].iloc[0]])
+    rank = {t.name: t for t in knn.data if t.name.endswith("effective rank")}
+    val = run.knn[run.knn["source"] == "val"]
+    assert list(rank["val effective rank"].y) == pytest.approx(val["effective_rank"].tolist())
+    assert {t.yaxis for t in knn.data if t.name.endswith("feature std")} == {"y3"}
+
+    [section] = plots_probes.replay_sections(run)
+    [table] = section.tables
+    assert table["replay"].tolist() == ["original", "model.patch_proj=frozen", "optim.betas=[0.9,0.95]",
+                                        "unchanged replay"]
+    assert table.set_index("replay").at["original", "cls_token"] == 417.4  # the verdict's 417x at step 96
+    assert "417x at step 96" in text and "kNN top-1 (val) at step 116 (%)" in text
+
+
+def test_a_hostile_replay_mitigation_stays_text(tmp_path):
+    import shutil
+
+    path = shutil.copytree(PROBED, tmp_path / "run")
+    meta_path = path / "replays" / "s96_n40_optim.betas-0.9_0.95" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["replay"]["mitigation"] = XSS_MITIGATION
+    meta_path.write_text(json.dumps(meta))
+    page = build_report([sl.load_run(path)])
+    rest = plotlyjs_removed(page)
+    assert "<img" not in rest and "onerror=alert(4)>" not in rest
+    assert f"{XSS_MITIGATION} 18.2 417.4" in page_text(rest)  # its row of the replay table
+    # escaped as HTML text inside the plot JSON: its bar and its two kNN lines (queue, val)
+    assert rest.count("\\u0026lt;img src=x onerror=alert(4)\\u0026gt;") >= 3
+    assert rest.count("<script") == 3 + rest.count('class="plot"')

@@ -105,6 +105,21 @@ def test_committed_single_run_report_is_small_and_renders(browser, tmp_path):
     page.close()
 
 
+def test_the_probed_run_report_renders_its_probe_and_replay_sections(browser, tmp_path):
+    path = write_report([sl.load_run(SAMPLES / "probed" / "learned_lr1e-1")], tmp_path / "probed.html")
+    assert path.stat().st_size <= 2_500_000
+    page, errors, dialogs = open_report(browser, path)
+    assert errors == [] and dialogs == []
+    check_all_rendered(page, 7)  # loss, kNN (+ linear, rank, std), heatmap, Figure 4, optimizer, attention, replay
+    assert "Linear probe (fast, step 155): top-1 20.8%" in page.inner_text(".verdict")
+    text = page.inner_text("body")
+    for heading in ("Optimizer state", "Attention", "Replay at step 96"):
+        assert heading in text
+    knn = page.locator(".plot").nth(1)
+    assert knn.locator(".cartesianlayer .subplot").count() == 3  # top-1, effective rank, feature std
+    page.close()
+
+
 def test_a_lone_knn_evaluation_is_drawn(browser, tmp_path):
     run_dir = tmp_path / "lone"
     write_meta(run_dir, {"status": "running"})

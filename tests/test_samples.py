@@ -2,6 +2,7 @@
 tries first)."""
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -88,36 +89,96 @@ def test_findings_scripts_reject_a_folder_without_sweeps(tmp_path, capsys):
     assert exit_info.value.code == 2 and "no figure written" in capsys.readouterr().err
 
 
-def test_every_surface_counts_the_same_spikes(capsys):
-    """analyze, compare and the findings tables give one run the same spike counts under the
-    same rule (the findings page's >= 10x rule with its batch-512 warm-up)."""
+def report_table(page: str, after: str) -> list[list[str]]:
+    """The body rows of the first table after the text `after` of a built report, as cell texts."""
+    from test_report import page_text
+
+    html = page[page.index(after):]
+    body = html[html.index("<tbody>"):html.index("</tbody>")]
+    return [[page_text(cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+            for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+
+
+SURFACE_RUN = SAMPLES / "findings" / "batch512_long_lr1e-1" / "batch_size=512_seed0"
+
+
+@pytest.mark.parametrize("rule", [None, "ratio:10,warmup=13", "mad:6+ratio:3|ratio:10,warmup=13"])
+def test_every_surface_gives_one_run_the_same_answer(rule, capsys):
+    """One committed run, one rule: `analyze --json`, `compare --csv`, the report's text and
+    the findings tables (for the rules they use: >= 10x at this batch-512 run's 13-step
+    warm-up, and the summary rule at that warm-up) give the same spike counts per layer, the
+    same largest excursion (layer, step, ratio) and the same lead-lag numbers; the counts
+    against `find_spikes` itself."""
     import io
 
     import pandas as pd
 
+    from analysis import DEFAULT_RULE, SpikeRule, find_spikes
     from stabilitylab.cli import main
+    from stabilitylab.report import build_report
+    from test_report import page_text
 
-    path = SAMPLES / "findings" / "batch512_long_lr1e-1" / "batch_size=512_seed0"
-    rule = "ratio:10,warmup=13"
-    assert main(["analyze", str(path), "--json", "--spike-rule", rule]) == 0
+    flag = [] if rule is None else ["--spike-rule", rule]
+    assert main(["analyze", str(SURFACE_RUN), "--json", *flag]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["spike_rule"] == rule
+    assert summary["spike_rule"] == str(SpikeRule.parse(rule or DEFAULT_RULE))
+    run = sl.load_run(SURFACE_RUN)
+    events = find_spikes(run.grad_norms(), rule)
     per_layer = {layer: n for layer, n in summary["spikes"].items() if n}
-    # the page's first-layer table lists this run's steps 40, 161 and 208
-    assert sum(per_layer.values()) == 31 and per_layer["patch_embed"] == 3
+    assert per_layer == events["layer"].astype(str).value_counts().to_dict()
+    top = summary["largest_excursions"][0]
+    ll = summary["lead_lag"]
+    if rule == "ratio:10,warmup=13":  # the findings page's first-layer table: steps 40, 161 and 208
+        assert sum(per_layer.values()) == 31 and per_layer["patch_embed"] == 3
+        assert (top["layer"], top["step"], round(top["ratio"], 1)) == ("blocks.2", 170, 121.4)
 
-    assert main(["compare", str(path), "--csv", "--spike-rule", rule]) == 0
+    # compare: totals, the first layer's count, peak ratios and lead fraction, in display units
+    assert main(["compare", str(SURFACE_RUN), "--csv", *flag]) == 0
     row = pd.read_csv(io.StringIO(capsys.readouterr().out)).iloc[0]
-    assert row.n_spikes == 31 and row.n_first_layer_spikes == 3
+    assert row.n_spikes == sum(per_layer.values()) and row.n_first_layer_spikes == per_layer.get("patch_embed", 0)
+    assert row.first_peak_ratio == round(summary["first_peak_ratio"], 1)
+    assert row.last_peak_ratio == round(summary["last_peak_ratio"], 1)
+    assert row.first_leads_frac == round(summary["first_leads_frac"], 2)
 
+    # the report: the verdict's counts and largest excursion, the lead-lag paragraph and table
+    page = build_report([run], rule=rule)
+    text = page_text(page)
+    assert "Spike events " + ", ".join(f"{layer} {n}" for layer, n in per_layer.items()) in text
+    assert f"{top['layer']} at step {top['step']}: {top['ratio']:.3g}x its running median (spike)" in text
+    assert ll["summary"] in text
+    rows = {r[0]: r for r in report_table(page, "Lead-lag of gradient spikes")}
+    per_layer_ll = spike_lead_lag(run.grad_norms(), rule=rule).per_layer  # every later layer, not only the last
+    assert {layer: int(rows[layer][3]) for layer in rows} == dict(zip(per_layer_ll["layer"].astype(str),
+                                                                      per_layer_ll["n_matched"]))
+    last = rows[ll["last"]]
+    assert [int(last[1]), int(last[2]), int(last[3])] == [ll["n_first_events"], ll["n_last_events"], ll["n_matched"]]
+    assert float(last[9]) == ll["xcorr_lag"] and float(last[10]) == pytest.approx(ll["association_p"], abs=5e-4)
+
+    # the findings tables, which count >= 10x spikes and summarize with DEFAULT_RULE, both at the run's warm-up
     tables = experiment_script("findings_tables")
-    run = sl.load_run(path)
-    assert tables.run_rule(run, "ratio:10") == tables.SpikeRule.parse(rule)
-    counts = tables.ten_x_counts({"seed0": [run]}).splitlines()
-    header, values = counts[0].split(" | ")[1:], counts[2].split(" | ")[1:]
-    found = {layer.strip(" |"): int(v.split()[0]) for layer, v in zip(header, values) if v.strip(" |") != "0"}
-    assert found == per_layer
-    assert len(tables.first_layer_spikes([run]).splitlines()) - 2 == per_layer["patch_embed"]
+    if rule == "ratio:10,warmup=13":
+        assert tables.run_rule(run, "ratio:10") == SpikeRule.parse(rule)
+        counts = tables.ten_x_counts({"seed0": [run]}).splitlines()
+        header, values = counts[0].split(" | ")[1:], counts[2].split(" | ")[1:]
+        cells = {layer.strip(" |"): v.strip(" |") for layer, v in zip(header, values) if v.strip(" |") != "0"}
+        assert {layer: int(v.split()[0]) for layer, v in cells.items()} == per_layer
+        assert cells[top["layer"]].endswith(f"({top['ratio']:.0f}×)")
+        first = tables.first_layer_spikes([run]).splitlines()[2:]
+        assert len(first) == per_layer["patch_embed"]
+        patch = max((e for e in summary["largest_excursions"] if e["layer"] == "patch_embed"), key=lambda e: e["ratio"])
+        assert f"| {patch['step']} | {patch['ratio']:.1f} |" in "\n".join(first)
+        # the lead-lag table at analyze's max_lag: the same counts, lags and p-values
+        tables.MAX_LAG = int(ll["max_lag"])
+        lead = next(line for line in tables.lead_lag_table({"seed0": [run]}).splitlines() if "| ratio ≥10× |" in line)
+        cells = [c.strip() for c in lead.split("|")[1:-1]]
+        assert [int(c) for c in cells[3:6]] == [ll["n_first_events"], ll["n_last_events"], ll["n_matched"]]
+        assert float(cells[8]) == ll["xcorr_lag"] and float(cells[9]) == pytest.approx(ll["association_p"], abs=5e-4)
+    elif rule is not None:  # the summary rule at the run's warm-up: the sweep tables' spike columns
+        table = tables.run_table([run], by=["optim.batch_size"]).iloc[0]
+        assert str(SpikeRule.parse(f"{tables.SUMMARY_RULE},warmup={tables.spike_warmup(run)}")) == summary["spike_rule"]
+        assert table.n_spikes == sum(per_layer.values()) and table.n_first_layer_spikes == per_layer["patch_embed"]
+        assert table.first_peak_ratio == summary["first_peak_ratio"]
+        assert table.first_leads_frac == summary["first_leads_frac"]
 
 
 def test_eps_regime_reads_adam_state_per_group_from_checkpoints(tmp_path, capsys):
