@@ -9,10 +9,15 @@ applied to the signal for rises and to its reciprocal for falls, so no second se
 thresholds exists. Its lead over a spike is the spike's first step minus the signal's first
 flagged step within `lookback` steps either side: positive means the signal moved first.
 
-Signals logged sparsely (attention every `log.attention_every` steps) count windows and
-warm-up in their own rows, as every rule does, so their first flags come later in a run.
+The rule's window and warm-up count rows of the gradient norms (steps at `log.every=1`); a
+signal logged more sparsely (attention, every `log.attention_every` steps) uses as many of
+its own rows as cover the same steps, so that it is not blind for `warmup x attention_every`
+steps.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -50,14 +55,29 @@ def run_signals(run) -> dict[str, pd.DataFrame]:
     return out
 
 
+def _cadence(wide: pd.DataFrame) -> float:
+    """Median steps between a signal's rows (1 for fewer than two rows)."""
+    return float(np.median(np.diff(wide.index.to_numpy()))) if len(wide) > 1 else 1.0
+
+
+def signal_rule(rule, wide: pd.DataFrame, reference: float = 1.0) -> SpikeRule:
+    """`rule` with its window and warm-up in rows of a signal logged every `_cadence(wide)`
+    steps, where the rule's own rows come every `reference` steps."""
+    rule = SpikeRule.parse(rule)
+    scale = max(1.0, _cadence(wide) / reference)
+    return replace(rule, window=max(1, round(rule.window / scale)), warmup=math.ceil(rule.warmup / scale))
+
+
 def signal_moves(signals: dict[str, pd.DataFrame], rule=None) -> pd.DataFrame:
     """Every flagged move of every signal: signal, layer, direction, step (`find_spikes` of
-    the signal for rises, of its reciprocal for falls). Names outside `SIGNALS` count rises."""
-    rule = SpikeRule.parse(rule)
+    the signal for rises, of its reciprocal for falls, under `signal_rule`). Names outside
+    `SIGNALS` count rises."""
+    reference = _cadence(signals["grad_l2"]) if "grad_l2" in signals else 1.0
     moves = []
     for signal, wide in signals.items():
+        own = signal_rule(rule, wide, reference)
         for direction in SIGNALS.get(signal, (None, ("rise",)))[1]:
-            found = find_spikes(wide if direction == "rise" else 1.0 / wide, rule)
+            found = find_spikes(wide if direction == "rise" else 1.0 / wide, own)
             moves.append(pd.DataFrame({"signal": signal, "layer": found["layer"].astype(str),
                                        "direction": direction, "step": found["step"]}))
     return (pd.concat(moves, ignore_index=True) if moves

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from analysis import find_spikes
-from analysis.precursors import precursor_table, run_signals, signal_onsets
+from analysis.precursors import precursor_table, run_signals, signal_onsets, signal_rule
 
 
 def _noise(rng, n, columns, index=None):
@@ -42,6 +42,18 @@ def test_planted_onsets_give_their_leads():
     assert table.loc["max_logit", ["n_before", "n_after"]].tolist() == [0, 2]
     # freshness moved twice; each move is within 20 steps of 41 of the 2,000 steps
     assert table.loc["adam_freshness", "chance_moved"] == pytest.approx(2 * 82 / 2000)
+
+
+def test_a_sparse_signal_uses_the_rows_that_cover_the_rule_s_steps():
+    rng = np.random.default_rng(3)
+    grad = _noise(rng, 400, ["blocks.7"])
+    logit = _noise(rng, 40, ["blocks.7"], index=np.arange(0, 400, 10))
+    grad.loc[300, "blocks.7"] *= 30
+    logit.loc[290, "blocks.7"] *= 30  # row 29: inside a warm-up of 50 rows, not of 5
+    rule = signal_rule(None, logit)
+    assert (rule.window, rule.warmup) == (10, 5)
+    onsets = signal_onsets(find_spikes(grad), {"grad_l2": grad, "max_logit": logit})
+    assert onsets.set_index("signal").loc["max_logit", "lead"] == 10
 
 
 def test_a_signal_that_moves_all_the_time_is_near_every_spike_by_chance():
