@@ -82,8 +82,10 @@ def display_table(compare_df: pd.DataFrame) -> pd.DataFrame:
     text, CSV and JSON, the HTML report): top-1, dip depths and dip area in percent (dip area
     in points x epochs), roughness in points, all rounded (see DISPLAY); counts as integers,
     their means and standard deviations over seeds to one decimal. Column names are kept;
-    other columns are left as they are."""
-    out = compare_df.copy()
+    other columns are left as they are, except the linear-probe columns, which are left out
+    where no run was probed (`stabilitylab linprobe`)."""
+    empty = [c for c in compare_df.columns if c.startswith("linear_top1") and compare_df[c].isna().all()]
+    out = compare_df.drop(columns=empty)
     for column in out.columns:
         metric = next((m for m in DISPLAY if column in (m, f"{m}_mean", f"{m}_std")), None)
         if metric is None:

@@ -301,6 +301,8 @@ def test_the_linear_probe_reaches_the_summary_its_text_compare_and_figure6():
     assert pd.isna(table.set_index("run").at["frozen-0.01-0", "linear_top1"])
     shown = display_table(table).set_index("run")["linear_top1"]
     assert shown["learned-0.001-1"] == 40.0 and pd.isna(shown["frozen-0.01-0"])
+    never_probed = table.assign(linear_top1=float("nan"))
+    assert "linear_top1" not in display_table(never_probed) and "final_top1" in display_table(never_probed)
     grid = figure6_table(table, value="linear_top1")
     assert grid.shape == (2, 2) and pd.isna(grid.at["frozen", 1e-2])
     assert grid.at["learned", 1e-3] == pytest.approx(0.35) and grid.at["learned", 1e-2] == pytest.approx(0.20)
