@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train", help="train MoCo v3 with full instrumentation into a run directory",
-        description=_wrapped("Train MoCo v3 on a timm ViT, logging per-step loss, per-layer gradient norms "
+        description=("Train MoCo v3 on a timm ViT, logging per-step loss, per-layer gradient norms "
                     "and a dense kNN curve to a run directory. With no arguments: the CPU preset "
                     "on the sample images in data_samples/ (a few minutes on 2 cores)."),
         epilog="examples:\n  stabilitylab train\n  stabilitylab train model.patch_proj=frozen "
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report", help="write a self-contained HTML report for runs",
-        description=_wrapped("One offline HTML page for one run or a comparison of runs: verdict, kNN curves "
+        description=("One offline HTML page for one run or a comparison of runs: verdict, kNN curves "
                     "and dips, gradient norms and spikes, the lead-lag test, and for several runs the "
                     "comparison table. Opens in any browser without a network."),
         epilog="examples:\n  stabilitylab report runs/my_run                  # writes runs/my_run/report.html\n"
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
     analyze = sub.add_parser(
         "analyze", help="print dips, gradient spikes and the lead-lag verdict of a run",
-        description=_wrapped("Summarize one run: final and best kNN top-1, kNN dips in units of the "
+        description=("Summarize one run: final and best kNN top-1, kNN dips in units of the "
                     "evaluation noise, gradient spike events per layer under a spike rule, and "
                     "whether the first layer's spikes lead the last transformer block's."),
         epilog="examples:\n  stabilitylab analyze runs/my_run\n  stabilitylab analyze runs/my_run --json\n"
@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser(
         "compare", help="print a comparison table of runs",
-        description=_wrapped("One row per run (or per setting with --over-seeds): the config keys that differ "
+        description=("One row per run (or per setting with --over-seeds): the config keys that differ "
                     "between the runs and each run's kNN, dip and spike metrics. Top-1, dip depth and "
                     "roughness are in percentage points, dip area in points x epochs, spike counts are "
                     "events under the spike rule (n_spikes: in any layer)."),
@@ -123,13 +123,15 @@ def _parser() -> argparse.ArgumentParser:
     from stabilitylab.replay import add_replay_parser
 
     add_replay_parser(sub)
-    for command_parser in sub.choices.values():  # so that a bad flag shows its own usage
-        command_parser.set_defaults(command_parser=command_parser)
+    for command_parser in sub.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)  # a bad flag shows its own usage
+        command_parser.description = _wrapped(command_parser.description)
     return parser
 
 
 def _wrapped(text: str) -> str:
-    """A --help description filled to 88 columns (the raw formatter keeps the examples' lines)."""
+    """A --help description filled to 88 columns (the raw formatter keeps the examples' lines
+    as they are, and would leave a description as one long line)."""
     return textwrap.fill(text, 88)
 
 
@@ -171,9 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("STABILITYLAB_DEBUG") or not _is_user_error(exc):
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = _error_line(exc)
         print(f"stabilitylab {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _error_line(exc: Exception) -> str:
+    """A user error as one line; an OSError from the system as `PATH: reason`, without `[Errno N]`."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _version() -> str:
@@ -186,7 +195,7 @@ def _is_user_error(exc: Exception) -> bool:
     from stabilitylab.config import ConfigError
     from stabilitylab.run import RunDirError
 
-    user_errors = (UsageError, ConfigError, RunDirError, FileNotFoundError, FileExistsError)
+    user_errors = (UsageError, ConfigError, RunDirError, FileNotFoundError, FileExistsError, NotADirectoryError)
     return isinstance(exc, user_errors) or getattr(exc, "user_error", False)
 
 
@@ -424,6 +433,10 @@ def cmd_report(args) -> int:
         runs[0].path / "report.html" if len(runs) == 1 else Path("report.html"))
     if output.exists() and output.is_dir():
         raise UsageError(f"{output} is a directory; give a file name with -o")
+    if args.figures:  # before the report is written: a bad folder refuses the whole command
+        if Path(args.figures).exists() and not Path(args.figures).is_dir():
+            raise UsageError(f"--figures {args.figures} is a file; give a folder for the figures")
+        Path(args.figures).mkdir(parents=True, exist_ok=True)
     write_report(runs, output, rule=rule)
     print(f"report: {output}")
     if args.figures:

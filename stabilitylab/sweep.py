@@ -128,6 +128,8 @@ def cmd_sweep(args) -> int:
     if args.seeds < 1 or args.jobs < 1:
         raise ConfigError("--seeds and --jobs must be at least 1")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the sweep")
     runs = expand(grid, args.seeds, out, args.overrides)
     for run in runs:  # validate every config before starting anything
         load_config(args.config, run.overrides)

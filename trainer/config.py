@@ -8,6 +8,7 @@ through OmegaConf (YAML file + dotted overrides), and hands it to `trainer.train
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -44,6 +45,7 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "on_spike": ("log", "checkpoint", "skip"),
 }
+DEVICES = r"auto|cpu|cuda(:\d+)?"  # the device option, checked by resolve()
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for dotted, allowed in CHOICES.items():
         if (value := option(cfg, dotted)) not in allowed:
             raise ValueError(f"{dotted}={value!r} is not one of: {', '.join(allowed)}")
+    if not re.fullmatch(DEVICES, cfg.device):
+        raise ValueError(f"device={cfg.device!r} is not one of: auto, cpu, cuda, cuda:N")
     m = cfg.model
     if m.preset not in MODEL_PRESETS:
         raise ValueError(f"model.preset={m.preset!r} is not one of: {', '.join(MODEL_PRESETS)}")
