@@ -1,6 +1,7 @@
 """`stabilitylab` command line: train | report | analyze | compare | sweep | import | linprobe | replay.
 
-User errors print one line to stderr and exit 2 (set STABILITYLAB_DEBUG=1 for a traceback).
+User errors (exceptions whose class says `user_error = True`, and missing / existing paths)
+print one line to stderr and exit 2 (set STABILITYLAB_DEBUG=1 for a traceback).
 `report`, `analyze` and `compare` never import torch.
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ LENIENT_HELP = ("read damaged runs anyway: skip corrupt Parquet parts and unread
 
 class UsageError(Exception):
     """A mistake in what the user asked for; printed as one line, exit 2."""
+
+    user_error = True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -192,11 +195,10 @@ def _version() -> str:
 
 
 def _is_user_error(exc: Exception) -> bool:
-    from stabilitylab.config import ConfigError
-    from stabilitylab.run import RunDirError
-
-    user_errors = (UsageError, ConfigError, RunDirError, FileNotFoundError, FileExistsError, NotADirectoryError)
-    return isinstance(exc, user_errors) or getattr(exc, "user_error", False)
+    """Errors that mark themselves `user_error = True` (in every package: the trainer and
+    analysis cannot import a base class from here) and the system's path mistakes."""
+    return getattr(exc, "user_error", False) or isinstance(
+        exc, (FileNotFoundError, FileExistsError, NotADirectoryError))
 
 
 # ---------------------------------------------------------------- train

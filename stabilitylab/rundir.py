@@ -117,6 +117,8 @@ _PART = re.compile(r"^part-(\d+)\.parquet$")
 class RunDirError(ValueError):
     """A path that is not a readable run directory (the message says what to fix)."""
 
+    user_error = True  # the CLI prints it as one line and exits 2
+
 
 class RunInUseError(RunDirError):
     """Another process holds the run directory's lock."""
