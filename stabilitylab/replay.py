@@ -29,6 +29,7 @@ from pathlib import Path
 from stabilitylab.config import config_from_run, config_to_yaml, load_config
 from stabilitylab.run import Run, is_run_dir, load_run
 from stabilitylab.rundir import CONFIG_FILE, RunWriter, atomic_write_text, update_meta, utc_now, write_meta
+from trainer.config import config_differences
 
 REPLAYS = "replays"
 SOURCE = "stabilitylab replay"
@@ -59,16 +60,6 @@ class Replay:
     path: Path
     mitigation: str | None
     config: object  # trainer.config.TrainConfig
-
-
-def _flat(node, prefix="") -> dict:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _slug(mitigation: str | None) -> str:
@@ -105,13 +96,13 @@ def plan_replays(run_dir, *, at: int, steps: int, mitigations=(), force: bool = 
     parent = config_from_run(run.path)
     # a replay stops at the window's end and takes no pre-spike checkpoints of its own unless asked
     own = [f"optim.max_steps={at + steps}"] + (["on_spike=log"] if parent.on_spike == "checkpoint" else [])
-    base = _flat(asdict(load_config(run.path / CONFIG_FILE, own)))
+    base = asdict(load_config(run.path / CONFIG_FILE, own))
     replays = []
     for mitigation in [None, *mitigations]:
         if mitigation is not None and "=" not in mitigation:
             raise ReplayError(f"--with {mitigation!r} is not of the form KEY=VALUE")
         cfg = load_config(run.path / CONFIG_FILE, own + ([mitigation] if mitigation else []))
-        changed = {k for k, v in _flat(asdict(cfg)).items() if v != base.get(k)}
+        changed = {key for key, _, _ in config_differences(base, asdict(cfg))}
         if mitigation is not None:
             if not changed:
                 raise ReplayError(f"--with {mitigation} is the run's own value: that replay is the unchanged one")
