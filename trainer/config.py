@@ -149,7 +149,7 @@ class DataConfig:
     augment: str = "mocov3"  # mocov3 | none (deterministic resize: for equivalence tests)
     crop_min: float = 0.2  # RandomResizedCrop scale (crop_min, 1): 0.2 for 32-px images; official 0.08 (224 px)
     # device: decode once (small splits: into memory, cached under cache_dir), draw each sample's
-    # parameters in the workers, augment whole batches on the training device (kornia);
+    # parameters in the workers, augment whole batches with kornia on a GPU (in the workers on a CPU);
     # workers: decode + augment image by image with PIL in the DataLoader workers
     pipeline: str = "device"
     cache_dir: str = "~/.cache/stabilitylab"  # decoded small image folders (data.pipeline=device)
