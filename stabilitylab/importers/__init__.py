@@ -21,7 +21,7 @@ def import_run(source: str, path, out, *, maps=(), groups=None, **reader_options
     layer groups; reader_options: csv's step / tag / value column names. Returns what was
     imported (see `write_imported_run`).
     """
-    from stabilitylab.importers.core import BadLogError, TagMap, write_imported_run
+    from stabilitylab.importers.core import BadLogError, TagMap, refuse_existing, write_imported_run
 
     if source == "tensorboard":
         from stabilitylab.importers.tensorboard import read_tensorboard as read
@@ -32,6 +32,7 @@ def import_run(source: str, path, out, *, maps=(), groups=None, **reader_options
     else:
         raise BadLogError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
     tag_maps = [TagMap.parse(m) for m in maps]
+    refuse_existing(out)  # before reading a log that may be large
     scalars, config = read(path, **reader_options)
     return write_imported_run(scalars, out, source=source, origin=path, config=config,
                               maps=tag_maps, groups=groups)
