@@ -116,7 +116,8 @@ def add_sweep_parser(sub) -> None:
     sweep.add_argument("--out", required=True, metavar="DIR", help="sweep folder")
     sweep.add_argument("--jobs", type=int, default=1, help="runs at a time with --launcher local")
     sweep.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default="local")
-    sweep.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print the commands (with --launcher slurm: the script), write and run nothing")
 
 
 def cmd_sweep(args) -> int:
@@ -133,10 +134,14 @@ def cmd_sweep(args) -> int:
     runs = expand(grid, args.seeds, out, args.overrides)
     for run in runs:  # validate every config before starting anything
         load_config(args.config, run.overrides)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SWEEP_FILE).write_text(json.dumps(
-        {"config": args.config, "grid": grid, "seeds": args.seeds, "overrides": args.overrides,
-         "runs": [r.name for r in runs]}, indent=2))
+    if args.launcher == "slurm" and args.dry_run:
+        print(slurm_script(runs, args.config, out), end="")
+        return 0
+    if not args.dry_run:  # a dry run writes nothing, not even over an existing sweep's record
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SWEEP_FILE).write_text(json.dumps(
+            {"config": args.config, "grid": grid, "seeds": args.seeds, "overrides": args.overrides,
+             "runs": [r.name for r in runs]}, indent=2))
     if args.launcher == "slurm":
         script = out / "sweep.sbatch"
         script.write_text(slurm_script(runs, args.config, out))
