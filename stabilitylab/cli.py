@@ -48,8 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n  stabilitylab train\n  stabilitylab train model.patch_proj=frozen "
                "optim.base_lr=3e-3\n  stabilitylab train --config vit_small_imagenet "
                "data.path=/data/imagenet\n  torchrun --nproc_per_node=8 -m stabilitylab train "
-               "--config vit_base_imagenet",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "--config vit_base_imagenet")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="dotted config overrides, e.g. model.patch_proj=frozen optim.base_lr=3e-3")
     train.add_argument("--config", metavar="FILE", help="YAML config file or preset name from configs/")
@@ -67,15 +66,13 @@ def _parser() -> argparse.ArgumentParser:
                     "comparison table. Opens in any browser without a network."),
         epilog="examples:\n  stabilitylab report runs/my_run                  # writes runs/my_run/report.html\n"
                "  stabilitylab report runs/sweep -o sweep.html --figures figs/\n"
-               "  stabilitylab report runs/a runs/b --spike-rule ratio:10",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  stabilitylab report runs/a runs/b --spike-rule ratio:10")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, globs, sweep folders "
                         "or folders of sweeps")
     report.add_argument("-o", "--output", metavar="FILE", help="HTML path (default: RUN_DIR/report.html "
                         "for one run, report.html otherwise)")
     report.add_argument("--figures", metavar="DIR", help="also write PNG and PDF figures here")
-    _add_spike_rule(report)
-    report.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
+    _add_reading_options(report)
 
     analyze = sub.add_parser(
         "analyze", help="print dips, gradient spikes and the lead-lag verdict of a run",
@@ -84,12 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                     "whether the first layer's spikes lead the last transformer block's."),
         epilog="examples:\n  stabilitylab analyze runs/my_run\n  stabilitylab analyze runs/my_run --json\n"
                "  stabilitylab analyze runs/my_run --spike-rule ratio:10          # paper-style >= 10x only\n"
-               "  stabilitylab analyze runs/b512 --spike-rule 'ratio:10,warmup=13'",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  stabilitylab analyze runs/b512 --spike-rule 'ratio:10,warmup=13'")
     analyze.add_argument("run", metavar="RUN_DIR")
     analyze.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _add_spike_rule(analyze)
-    analyze.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
+    _add_reading_options(analyze)
 
     compare = sub.add_parser(
         "compare", help="print a comparison table of runs",
@@ -100,8 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n  stabilitylab compare runs/sweep\n"
                "  stabilitylab compare runs/findings --over-seeds --by model.patch_proj,optim.base_lr\n"
                "  stabilitylab compare runs/a runs/b --csv > table.csv\n"
-               "  stabilitylab compare runs/sweep --spike-rule 'ratio:10,warmup=13' --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  stabilitylab compare runs/sweep --spike-rule 'ratio:10,warmup=13' --json")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, globs, sweep folders "
                          "or folders of sweeps")
     compare.add_argument("--by", metavar="KEYS",
@@ -109,8 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                               "(default: model.patch_proj when the runs have it)")
     compare.add_argument("--over-seeds", action="store_true",
                          help="one row per setting: mean and standard deviation over its seeds")
-    _add_spike_rule(compare)
-    compare.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
+    _add_reading_options(compare)
     fmt = compare.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="CSV instead of a text table")
     fmt.add_argument("--json", action="store_true", help="JSON records instead of a text table")
@@ -128,21 +121,23 @@ def _parser() -> argparse.ArgumentParser:
     add_replay_parser(sub)
     for command_parser in sub.choices.values():
         command_parser.set_defaults(command_parser=command_parser)  # a bad flag shows its own usage
+        command_parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the examples' lines
         command_parser.description = _wrapped(command_parser.description)
     return parser
 
 
 def _wrapped(text: str) -> str:
-    """A --help description filled to 88 columns (the raw formatter keeps the examples' lines
-    as they are, and would leave a description as one long line)."""
+    """A --help description filled to 88 columns (the raw formatter would leave it one long line)."""
     return textwrap.fill(text, 88)
 
 
-def _add_spike_rule(parser) -> None:
+def _add_reading_options(parser) -> None:
+    """--spike-rule and --lenient, the options of every command that reads runs."""
     parser.add_argument("--spike-rule", metavar="RULE",
                         help="what counts as a gradient spike: tests mad:Z, sigma:Z, ratio:R joined by + "
                              "(and) and | (or), then ,window=W and ,warmup=N, e.g. ratio:10,warmup=13 "
                              "(default: analysis.DEFAULT_RULE, see docs/analysis.md)")
+    parser.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
 
 
 def _spike_rule(text):

@@ -6,7 +6,6 @@ overrides may change only the data (data.*), device, precision and threads. The 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -15,6 +14,8 @@ from pathlib import Path
 from stabilitylab.config import ConfigError
 
 PROBE_OVERRIDES = ("data.", "device=", "precision=", "threads=")
+
+
 def add_linprobe_parser(sub) -> None:
     p = sub.add_parser(
         "linprobe", help="linear-probe a run's checkpoints (the paper's accuracy yardstick)",
@@ -26,8 +27,7 @@ def add_linprobe_parser(sub) -> None:
         epilog="examples:\n  stabilitylab linprobe runs/frozen\n"
                "  stabilitylab linprobe runs/frozen --every-checkpoint\n"
                "  stabilitylab linprobe runs/vit_small --protocol official device=cuda data.num_workers=16\n"
-               "  stabilitylab linprobe runs/tiny data.path=/data/cifar10 --step 311",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  stabilitylab linprobe runs/tiny data.path=/data/cifar10 --step 311")
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="data.* (e.g. data.path, data.num_workers), device, precision or threads "

@@ -18,7 +18,6 @@ replay` and what was replayed); `find_replays(run)` lists them for the report.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -247,8 +246,7 @@ def add_replay_parser(sub) -> None:
                     "projection's current weights.",
         epilog="examples:\n  stabilitylab replay runs/a --at 1200 --steps 200 --with model.patch_proj=frozen\n"
                "  stabilitylab replay runs/a --at 1200 --with \"optim.betas=[0.9,0.95]\" --with optim.base_lr=5e-4\n"
-               "  stabilitylab compare runs/a/replays/s1200_n200_*   # the replays side by side",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  stabilitylab compare runs/a/replays/s1200_n200_*   # the replays side by side")
     replay.add_argument("run", metavar="RUN_DIR")
     replay.add_argument("--at", type=int, required=True, metavar="STEP", help="first step of the window to compare")
     replay.add_argument("--steps", type=int, default=200, metavar="N", help="steps in the window (default 200)")

@@ -8,7 +8,6 @@ script calling torchrun per run; nothing is submitted).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -106,8 +105,7 @@ def add_sweep_parser(sub) -> None:
         epilog="examples:\n  stabilitylab sweep --out runs/s4 --grid model.patch_proj=learned,frozen --seeds 3\n"
                "  stabilitylab sweep --out runs/lr --grid optim.base_lr=1e-2,1e-1 --jobs 2 optim.epochs=8\n"
                "  stabilitylab sweep --out runs/big --grid optim.batch_size=512,1024 --launcher slurm\n"
-               "  stabilitylab sweep --out runs/s4 --grid model.patch_proj=learned,frozen --dry-run",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  stabilitylab sweep --out runs/s4 --grid model.patch_proj=learned,frozen --dry-run")
     sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every run")
     sweep.add_argument("--config", metavar="FILE", help="base config file or preset name")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",

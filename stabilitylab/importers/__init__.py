@@ -8,8 +8,6 @@ The readers and pandas load only when a log is imported, not for every CLI comma
 """
 from __future__ import annotations
 
-import argparse
-
 __all__ = ["import_run", "add_import_parser", "cmd_import"]
 SOURCES = ("tensorboard", "csv", "wandb")
 
@@ -57,7 +55,7 @@ def add_import_parser(sub) -> None:
         description="Import the scalars of another tool's log as a run directory: per-layer "
                     "gradient norms, loss, lr and eval curves become the tables `analyze`, "
                     "`compare` and `report` read.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG)
     parser.add_argument("source", choices=SOURCES, help="the kind of log")
     parser.add_argument("path", metavar="LOG", help="TensorBoard log dir or event file, CSV file, "
                                                     "or W&B offline-run-* folder")
