@@ -6,6 +6,7 @@ overrides may change only the data (data.*), device, precision and threads. The 
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -59,6 +60,11 @@ def _probe_config(cfg, args, protocol):
     for name, value in [("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--max-iter", args.max_iter)]:
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
+    if not (0 < args.lr < math.inf):
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    for name, value in [("--wd", args.wd), ("--l2", args.l2)]:
+        if not (0 <= value < math.inf):
+            raise ConfigError(f"{name} must be >= 0, got {value}")
     return ProbeConfig(protocol=protocol, batchnorm=not args.no_bn, seed=cfg.seed, epochs=args.epochs,
                        batch_size=args.batch_size, base_lr=args.lr, weight_decay=args.wd,
                        l2=args.l2, max_iter=args.max_iter)
