@@ -430,6 +430,8 @@ def cmd_report(args) -> int:
         runs[0].path / "report.html" if len(runs) == 1 else Path("report.html"))
     if output.exists() and output.is_dir():
         raise UsageError(f"{output} is a directory; give a file name with -o")
+    if output.exists() and output.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"{output} exists and is not an HTML file; refusing to overwrite it")
     if args.figures:  # before the report is written: a bad folder refuses the whole command
         if Path(args.figures).exists() and not Path(args.figures).is_dir():
             raise UsageError(f"--figures {args.figures} is a file; give a folder for the figures")

@@ -95,6 +95,7 @@ def test_a_bad_flag_shows_the_usage_of_its_subcommand(command, tiny_run, tmp_pat
     (["linprobe", "RUN", "device=gpu"], "device='gpu' is not one of: auto, cpu, cuda, cuda:N"),
     (["train", "--out", "FILE/run"], "FILE/run: Not a directory"),
     (["report", "RUN", "--figures", "FILE"], "--figures FILE is a file; give a folder for the figures"),
+    (["report", "RUN", "-o", "FILE"], "FILE exists and is not an HTML file; refusing to overwrite it"),
     (["report", "RUN", "--figures", "FILE/figs"], "FILE/figs: Not a directory"),
     (["sweep", "--out", "FILE", "--grid", "optim.base_lr=1e-3,1e-2", "--dry-run"],
      "--out FILE is a file; give a folder for the sweep"),
