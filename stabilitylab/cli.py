@@ -108,17 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true", help="CSV instead of a text table")
     fmt.add_argument("--json", action="store_true", help="JSON records instead of a text table")
 
+    from stabilitylab.importers import add_import_parser
     from stabilitylab.linprobe import add_linprobe_parser
+    from stabilitylab.replay import add_replay_parser
     from stabilitylab.sweep import add_sweep_parser
 
-    add_sweep_parser(sub)
-    from stabilitylab.importers import add_import_parser
-
-    add_import_parser(sub)
-    add_linprobe_parser(sub)
-    from stabilitylab.replay import add_replay_parser
-
-    add_replay_parser(sub)
+    for add_command_parser in (add_sweep_parser, add_import_parser, add_linprobe_parser, add_replay_parser):
+        add_command_parser(sub)
     for command_parser in sub.choices.values():
         command_parser.set_defaults(command_parser=command_parser)  # a bad flag shows its own usage
         command_parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the examples' lines
