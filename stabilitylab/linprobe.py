@@ -72,7 +72,6 @@ def _probe_config(cfg, args, protocol):
 
 def _checkpoints(run_dir: Path, args):
     from trainer.checkpoint import latest_checkpoint, list_checkpoints
-
     from trainer.linprobe import LinearProbeError
 
     found = list_checkpoints(run_dir)
@@ -84,7 +83,7 @@ def _checkpoints(run_dir: Path, args):
         chosen = [c for c in found if c.step == args.step]
         if not chosen:
             raise LinearProbeError(f"no checkpoint of step {args.step} in {run_dir / 'checkpoints'}; "
-                              f"steps there: {', '.join(str(c.step) for c in found)}")
+                                   f"steps there: {', '.join(str(c.step) for c in found)}")
         return chosen
     return found if args.every_checkpoint else [latest_checkpoint(run_dir)]
 
