@@ -1,4 +1,4 @@
-"""Figure 7 -- which spike rule: precision, recall by size, false alarms and timing of candidate
+"""Figure 8 -- which spike rule: precision, recall by size, false alarms and timing of candidate
 `analysis.SpikeRule`s on planted spikes, and their event counts on the committed real runs.
 
     python benchmarks/bench_detectors.py --quick   # 4 series per noise model, the 4 sample runs

@@ -1,6 +1,7 @@
 """`stabilitylab` command line: train | report | analyze | compare | sweep | import | linprobe | replay.
 
-User errors print one line to stderr and exit 2 (set STABILITYLAB_DEBUG=1 for a traceback).
+User errors (exceptions whose class says `user_error = True`, and missing / existing paths)
+print one line to stderr and exit 2 (set STABILITYLAB_DEBUG=1 for a traceback).
 `report`, `analyze` and `compare` never import torch.
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ LENIENT_HELP = ("read damaged runs anyway: skip corrupt Parquet parts and unread
 class UsageError(Exception):
     """A mistake in what the user asked for; printed as one line, exit 2."""
 
+    user_error = True
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -39,14 +42,13 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train", help="train MoCo v3 with full instrumentation into a run directory",
-        description=_wrapped("Train MoCo v3 on a timm ViT, logging per-step loss, per-layer gradient norms "
+        description=("Train MoCo v3 on a timm ViT, logging per-step loss, per-layer gradient norms "
                     "and a dense kNN curve to a run directory. With no arguments: the CPU preset "
                     "on the sample images in data_samples/ (a few minutes on 2 cores)."),
         epilog="examples:\n  stabilitylab train\n  stabilitylab train model.patch_proj=frozen "
                "optim.base_lr=3e-3\n  stabilitylab train --config vit_small_imagenet "
                "data.path=/data/imagenet\n  torchrun --nproc_per_node=8 -m stabilitylab train "
-               "--config vit_base_imagenet",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "--config vit_base_imagenet")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="dotted config overrides, e.g. model.patch_proj=frozen optim.base_lr=3e-3")
     train.add_argument("--config", metavar="FILE", help="YAML config file or preset name from configs/")
@@ -59,46 +61,41 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report", help="write a self-contained HTML report for runs",
-        description=_wrapped("One offline HTML page for one run or a comparison of runs: verdict, kNN curves "
+        description=("One offline HTML page for one run or a comparison of runs: verdict, kNN curves "
                     "and dips, gradient norms and spikes, the lead-lag test, and for several runs the "
                     "comparison table. Opens in any browser without a network."),
         epilog="examples:\n  stabilitylab report runs/my_run                  # writes runs/my_run/report.html\n"
                "  stabilitylab report runs/sweep -o sweep.html --figures figs/\n"
-               "  stabilitylab report runs/a runs/b --spike-rule ratio:10",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  stabilitylab report runs/a runs/b --spike-rule ratio:10")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, globs, sweep folders "
                         "or folders of sweeps")
     report.add_argument("-o", "--output", metavar="FILE", help="HTML path (default: RUN_DIR/report.html "
                         "for one run, report.html otherwise)")
     report.add_argument("--figures", metavar="DIR", help="also write PNG and PDF figures here")
-    _add_spike_rule(report)
-    report.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
+    _add_reading_options(report)
 
     analyze = sub.add_parser(
         "analyze", help="print dips, gradient spikes and the lead-lag verdict of a run",
-        description=_wrapped("Summarize one run: final and best kNN top-1, kNN dips in units of the "
+        description=("Summarize one run: final and best kNN top-1, kNN dips in units of the "
                     "evaluation noise, gradient spike events per layer under a spike rule, and "
                     "whether the first layer's spikes lead the last transformer block's."),
         epilog="examples:\n  stabilitylab analyze runs/my_run\n  stabilitylab analyze runs/my_run --json\n"
                "  stabilitylab analyze runs/my_run --spike-rule ratio:10          # paper-style >= 10x only\n"
-               "  stabilitylab analyze runs/b512 --spike-rule 'ratio:10,warmup=13'",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  stabilitylab analyze runs/b512 --spike-rule 'ratio:10,warmup=13'")
     analyze.add_argument("run", metavar="RUN_DIR")
     analyze.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _add_spike_rule(analyze)
-    analyze.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
+    _add_reading_options(analyze)
 
     compare = sub.add_parser(
         "compare", help="print a comparison table of runs",
-        description=_wrapped("One row per run (or per setting with --over-seeds): the config keys that differ "
+        description=("One row per run (or per setting with --over-seeds): the config keys that differ "
                     "between the runs and each run's kNN, dip and spike metrics. Top-1, dip depth and "
                     "roughness are in percentage points, dip area in points x epochs, spike counts are "
                     "events under the spike rule (n_spikes: in any layer)."),
         epilog="examples:\n  stabilitylab compare runs/sweep\n"
                "  stabilitylab compare runs/findings --over-seeds --by model.patch_proj,optim.base_lr\n"
                "  stabilitylab compare runs/a runs/b --csv > table.csv\n"
-               "  stabilitylab compare runs/sweep --spike-rule 'ratio:10,warmup=13' --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  stabilitylab compare runs/sweep --spike-rule 'ratio:10,warmup=13' --json")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, globs, sweep folders "
                          "or folders of sweeps")
     compare.add_argument("--by", metavar="KEYS",
@@ -106,38 +103,37 @@ def _parser() -> argparse.ArgumentParser:
                               "(default: model.patch_proj when the runs have it)")
     compare.add_argument("--over-seeds", action="store_true",
                          help="one row per setting: mean and standard deviation over its seeds")
-    _add_spike_rule(compare)
-    compare.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
+    _add_reading_options(compare)
     fmt = compare.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="CSV instead of a text table")
     fmt.add_argument("--json", action="store_true", help="JSON records instead of a text table")
 
+    from stabilitylab.importers import add_import_parser
     from stabilitylab.linprobe import add_linprobe_parser
+    from stabilitylab.replay import add_replay_parser
     from stabilitylab.sweep import add_sweep_parser
 
-    add_sweep_parser(sub)
-    from stabilitylab.importers import add_import_parser
-
-    add_import_parser(sub)
-    add_linprobe_parser(sub)
-    from stabilitylab.replay import add_replay_parser
-
-    add_replay_parser(sub)
-    for command_parser in sub.choices.values():  # so that a bad flag shows its own usage
-        command_parser.set_defaults(command_parser=command_parser)
+    for add_command_parser in (add_sweep_parser, add_import_parser, add_linprobe_parser, add_replay_parser):
+        add_command_parser(sub)
+    for command_parser in sub.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)  # a bad flag shows its own usage
+        command_parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the examples' lines
+        command_parser.description = _wrapped(command_parser.description)
     return parser
 
 
 def _wrapped(text: str) -> str:
-    """A --help description filled to 88 columns (the raw formatter keeps the examples' lines)."""
+    """A --help description filled to 88 columns (the raw formatter would leave it one long line)."""
     return textwrap.fill(text, 88)
 
 
-def _add_spike_rule(parser) -> None:
+def _add_reading_options(parser) -> None:
+    """--spike-rule and --lenient, the options of every command that reads runs."""
     parser.add_argument("--spike-rule", metavar="RULE",
                         help="what counts as a gradient spike: tests mad:Z, sigma:Z, ratio:R joined by + "
                              "(and) and | (or), then ,window=W and ,warmup=N, e.g. ratio:10,warmup=13 "
                              "(default: analysis.DEFAULT_RULE, see docs/analysis.md)")
+    parser.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
 
 
 def _spike_rule(text):
@@ -171,9 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("STABILITYLAB_DEBUG") or not _is_user_error(exc):
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = _error_line(exc)
         print(f"stabilitylab {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _error_line(exc: Exception) -> str:
+    """A user error as one line; an OSError from the system as `PATH: reason`, without `[Errno N]`."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _version() -> str:
@@ -183,11 +186,10 @@ def _version() -> str:
 
 
 def _is_user_error(exc: Exception) -> bool:
-    from stabilitylab.config import ConfigError
-    from stabilitylab.run import RunDirError
-
-    user_errors = (UsageError, ConfigError, RunDirError, FileNotFoundError, FileExistsError)
-    return isinstance(exc, user_errors) or getattr(exc, "user_error", False)
+    """Errors that mark themselves `user_error = True` (in every package: the trainer and
+    analysis cannot import a base class from here) and the system's path mistakes."""
+    return getattr(exc, "user_error", False) or isinstance(
+        exc, (FileNotFoundError, FileExistsError, NotADirectoryError))
 
 
 # ---------------------------------------------------------------- train
@@ -424,6 +426,12 @@ def cmd_report(args) -> int:
         runs[0].path / "report.html" if len(runs) == 1 else Path("report.html"))
     if output.exists() and output.is_dir():
         raise UsageError(f"{output} is a directory; give a file name with -o")
+    if output.exists() and output.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"{output} exists and is not an HTML file; refusing to overwrite it")
+    if args.figures:  # before the report is written: a bad folder refuses the whole command
+        if Path(args.figures).exists() and not Path(args.figures).is_dir():
+            raise UsageError(f"--figures {args.figures} is a file; give a folder for the figures")
+        Path(args.figures).mkdir(parents=True, exist_ok=True)
     write_report(runs, output, rule=rule)
     print(f"report: {output}")
     if args.figures:

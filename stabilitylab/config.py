@@ -22,6 +22,8 @@ CONFIG_DIR = PROJECT_ROOT / "configs"
 class ConfigError(ValueError):
     """A config file or override that cannot be used (message is one line)."""
 
+    user_error = True  # the CLI prints it as one line and exits 2
+
 
 def find_config_file(name: str | Path) -> Path:
     """A config path as given, or a preset name from configs/ (``vit_small_imagenet``)."""

@@ -6,7 +6,7 @@ overrides may change only the data (data.*), device, precision and threads. The 
 """
 from __future__ import annotations
 
-import argparse
+import math
 import sys
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -15,6 +15,8 @@ from pathlib import Path
 from stabilitylab.config import ConfigError
 
 PROBE_OVERRIDES = ("data.", "device=", "precision=", "threads=")
+
+
 def add_linprobe_parser(sub) -> None:
     p = sub.add_parser(
         "linprobe", help="linear-probe a run's checkpoints (the paper's accuracy yardstick)",
@@ -26,8 +28,7 @@ def add_linprobe_parser(sub) -> None:
         epilog="examples:\n  stabilitylab linprobe runs/frozen\n"
                "  stabilitylab linprobe runs/frozen --every-checkpoint\n"
                "  stabilitylab linprobe runs/vit_small --protocol official device=cuda data.num_workers=16\n"
-               "  stabilitylab linprobe runs/tiny data.path=/data/cifar10 --step 311",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  stabilitylab linprobe runs/tiny data.path=/data/cifar10 --step 311")
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="data.* (e.g. data.path, data.num_workers), device, precision or threads "
@@ -59,6 +60,11 @@ def _probe_config(cfg, args, protocol):
     for name, value in [("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--max-iter", args.max_iter)]:
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
+    if not (0 < args.lr < math.inf):
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    for name, value in [("--wd", args.wd), ("--l2", args.l2)]:
+        if not (0 <= value < math.inf):
+            raise ConfigError(f"{name} must be >= 0, got {value}")
     return ProbeConfig(protocol=protocol, batchnorm=not args.no_bn, seed=cfg.seed, epochs=args.epochs,
                        batch_size=args.batch_size, base_lr=args.lr, weight_decay=args.wd,
                        l2=args.l2, max_iter=args.max_iter)
@@ -66,7 +72,6 @@ def _probe_config(cfg, args, protocol):
 
 def _checkpoints(run_dir: Path, args):
     from trainer.checkpoint import latest_checkpoint, list_checkpoints
-
     from trainer.linprobe import LinearProbeError
 
     found = list_checkpoints(run_dir)
@@ -78,7 +83,7 @@ def _checkpoints(run_dir: Path, args):
         chosen = [c for c in found if c.step == args.step]
         if not chosen:
             raise LinearProbeError(f"no checkpoint of step {args.step} in {run_dir / 'checkpoints'}; "
-                              f"steps there: {', '.join(str(c.step) for c in found)}")
+                                   f"steps there: {', '.join(str(c.step) for c in found)}")
         return chosen
     return found if args.every_checkpoint else [latest_checkpoint(run_dir)]
 

@@ -18,7 +18,6 @@ replay` and what was replayed); `find_replays(run)` lists them for the report.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 from stabilitylab.config import config_from_run, config_to_yaml, load_config
 from stabilitylab.run import Run, is_run_dir, load_run
 from stabilitylab.rundir import CONFIG_FILE, RunWriter, atomic_write_text, update_meta, utc_now, write_meta
+from trainer.config import config_differences
 
 REPLAYS = "replays"
 SOURCE = "stabilitylab replay"
@@ -59,16 +59,6 @@ class Replay:
     path: Path
     mitigation: str | None
     config: object  # trainer.config.TrainConfig
-
-
-def _flat(node, prefix="") -> dict:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _slug(mitigation: str | None) -> str:
@@ -105,13 +95,13 @@ def plan_replays(run_dir, *, at: int, steps: int, mitigations=(), force: bool = 
     parent = config_from_run(run.path)
     # a replay stops at the window's end and takes no pre-spike checkpoints of its own unless asked
     own = [f"optim.max_steps={at + steps}"] + (["on_spike=log"] if parent.on_spike == "checkpoint" else [])
-    base = _flat(asdict(load_config(run.path / CONFIG_FILE, own)))
+    base = asdict(load_config(run.path / CONFIG_FILE, own))
     replays = []
     for mitigation in [None, *mitigations]:
         if mitigation is not None and "=" not in mitigation:
             raise ReplayError(f"--with {mitigation!r} is not of the form KEY=VALUE")
         cfg = load_config(run.path / CONFIG_FILE, own + ([mitigation] if mitigation else []))
-        changed = {k for k, v in _flat(asdict(cfg)).items() if v != base.get(k)}
+        changed = {key for key, _, _ in config_differences(base, asdict(cfg))}
         if mitigation is not None:
             if not changed:
                 raise ReplayError(f"--with {mitigation} is the run's own value: that replay is the unchanged one")
@@ -256,8 +246,7 @@ def add_replay_parser(sub) -> None:
                     "projection's current weights.",
         epilog="examples:\n  stabilitylab replay runs/a --at 1200 --steps 200 --with model.patch_proj=frozen\n"
                "  stabilitylab replay runs/a --at 1200 --with \"optim.betas=[0.9,0.95]\" --with optim.base_lr=5e-4\n"
-               "  stabilitylab compare runs/a/replays/s1200_n200_*   # the replays side by side",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  stabilitylab compare runs/a/replays/s1200_n200_*   # the replays side by side")
     replay.add_argument("run", metavar="RUN_DIR")
     replay.add_argument("--at", type=int, required=True, metavar="STEP", help="first step of the window to compare")
     replay.add_argument("--steps", type=int, default=200, metavar="N", help="steps in the window (default 200)")

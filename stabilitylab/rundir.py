@@ -30,6 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from trainer.durable import write_durably, write_failure
+
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 LAYER_TYPE = pa.dictionary(pa.int16(), pa.string())
 
@@ -117,6 +119,8 @@ _PART = re.compile(r"^part-(\d+)\.parquet$")
 class RunDirError(ValueError):
     """A path that is not a readable run directory (the message says what to fix)."""
 
+    user_error = True  # the CLI prints it as one line and exits 2
+
 
 class RunInUseError(RunDirError):
     """Another process holds the run directory's lock."""
@@ -126,61 +130,23 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-# ---------------------------------------------------------------- durable writes
-
-def write_failure(exc: OSError, target: str | os.PathLike) -> OSError:
-    """The one-line form of a failed write: ``No space left on device while writing RUN/layers``."""
-    reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
-    return OSError(exc.errno, f"{reason} while writing {target}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
+# ---------------------------------------------------------------- durable writes (trainer.durable)
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small file so that readers see the old or the new content, never half, and a
     power cut cannot leave it empty (file and directory are fsynced: a commit point)."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_failure(exc, path) from None
+    write_durably(path, lambda f: f.write(text), mode="w")
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     """One complete, fsynced Parquet file under its final name (temporary name, then rename)."""
-    tmp = _tmp_name(path)
     # noisy floats compress best byte-stream-split, which pyarrow only applies to columns
     # that are not dictionary-encoded: keep dictionaries for the other columns only
     floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
     others = [f.name for f in table.schema if f.name not in floats]
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd", use_dictionary=others or False,
-                           use_byte_stream_split=floats or False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_failure(exc, path.parent.parent) from None
+    write_durably(path, lambda f: pq.write_table(table, f, compression="zstd", use_dictionary=others or False,
+                                                 use_byte_stream_split=floats or False),
+                  failure_target=Path(path).parent.parent)
 
 
 def remove_temporaries(run_dir: Path) -> None:

@@ -8,7 +8,6 @@ script calling torchrun per run; nothing is submitted).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -106,8 +105,7 @@ def add_sweep_parser(sub) -> None:
         epilog="examples:\n  stabilitylab sweep --out runs/s4 --grid model.patch_proj=learned,frozen --seeds 3\n"
                "  stabilitylab sweep --out runs/lr --grid optim.base_lr=1e-2,1e-1 --jobs 2 optim.epochs=8\n"
                "  stabilitylab sweep --out runs/big --grid optim.batch_size=512,1024 --launcher slurm\n"
-               "  stabilitylab sweep --out runs/s4 --grid model.patch_proj=learned,frozen --dry-run",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  stabilitylab sweep --out runs/s4 --grid model.patch_proj=learned,frozen --dry-run")
     sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every run")
     sweep.add_argument("--config", metavar="FILE", help="base config file or preset name")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -116,7 +114,8 @@ def add_sweep_parser(sub) -> None:
     sweep.add_argument("--out", required=True, metavar="DIR", help="sweep folder")
     sweep.add_argument("--jobs", type=int, default=1, help="runs at a time with --launcher local")
     sweep.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default="local")
-    sweep.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print the commands (with --launcher slurm: the script), write and run nothing")
 
 
 def cmd_sweep(args) -> int:
@@ -128,13 +127,19 @@ def cmd_sweep(args) -> int:
     if args.seeds < 1 or args.jobs < 1:
         raise ConfigError("--seeds and --jobs must be at least 1")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the sweep")
     runs = expand(grid, args.seeds, out, args.overrides)
     for run in runs:  # validate every config before starting anything
         load_config(args.config, run.overrides)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SWEEP_FILE).write_text(json.dumps(
-        {"config": args.config, "grid": grid, "seeds": args.seeds, "overrides": args.overrides,
-         "runs": [r.name for r in runs]}, indent=2))
+    if args.launcher == "slurm" and args.dry_run:
+        print(slurm_script(runs, args.config, out), end="")
+        return 0
+    if not args.dry_run:  # a dry run writes nothing, not even over an existing sweep's record
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SWEEP_FILE).write_text(json.dumps(
+            {"config": args.config, "grid": grid, "seeds": args.seeds, "overrides": args.overrides,
+             "runs": [r.name for r in runs]}, indent=2))
     if args.launcher == "slurm":
         script = out / "sweep.sbatch"
         script.write_text(slurm_script(runs, args.config, out))

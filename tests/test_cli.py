@@ -47,12 +47,13 @@ def tiny_run(tmp_path):
 def test_help_lists_every_command():
     result = cli("--help")
     assert result.returncode == 0
-    for command in ["train", "report", "analyze", "compare", "sweep"]:
+    for command in ["train", "report", "analyze", "compare", "sweep", "import", "linprobe", "replay"]:
         assert command in result.stdout
         sub = cli(command, "--help")
         assert sub.returncode == 0 and "usage: stabilitylab " + command in sub.stdout
         description = sub.stdout.split("\n\n")[1]
         assert len(description) > 60 and not description.startswith(("positional", "options"))
+        assert max(map(len, description.splitlines())) <= 88, f"{command}: description not wrapped"
         assert "examples:\n  stabilitylab " + command in sub.stdout
 
 
@@ -90,13 +91,24 @@ def test_a_bad_flag_shows_the_usage_of_its_subcommand(command, tiny_run, tmp_pat
     (["compare", "RUN", "--spike-rule", "ratio:10,span=3"], "--spike-rule: bad spike rule option 'span=3'"),
     (["report", "RUN", "--spike-rule", "zscore:6"], "--spike-rule: bad spike rule test 'zscore:6'"),
     (["compare", "RUN", "--by", "optim.lr"], "no run's config has optim.lr (did you mean optim.base_lr?)"),
+    (["train", "device=tpu"], "device='tpu' is not one of: auto, cpu, cuda, cuda:N"),
+    (["linprobe", "RUN", "device=gpu"], "device='gpu' is not one of: auto, cpu, cuda, cuda:N"),
+    (["train", "--out", "FILE/run"], "FILE/run: Not a directory"),
+    (["report", "RUN", "--figures", "FILE"], "--figures FILE is a file; give a folder for the figures"),
+    (["report", "RUN", "-o", "FILE"], "FILE exists and is not an HTML file; refusing to overwrite it"),
+    (["report", "RUN", "--figures", "FILE/figs"], "FILE/figs: Not a directory"),
+    (["sweep", "--out", "FILE", "--grid", "optim.base_lr=1e-3,1e-2", "--dry-run"],
+     "--out FILE is a file; give a folder for the sweep"),
+    (["sweep", "--out", "FILE/sweep", "--grid", "optim.base_lr=1e-3,1e-2"], "FILE/sweep: Not a directory"),
 ])
 def test_user_errors_are_one_line_exit_2(args, message, tmp_path, tiny_run):
+    (tmp_path / "FILE").write_text("a file where a folder is expected\n")
     result = cli(*[str(tiny_run) if a == "RUN" else a for a in args], cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not list(tmp_path.glob("*.html"))  # nothing written
+    assert not list(tmp_path.glob("*.html")) and not (tiny_run / "report.html").exists()  # nothing written
+    assert (tmp_path / "FILE").read_text() == "a file where a folder is expected\n"
 
 
 def test_every_numeric_train_option_has_a_range():

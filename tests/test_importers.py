@@ -184,6 +184,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, lines)
         assert not (tmp_path / "new").exists()
-    result = run_cli("tensorboard", str(tmp_path / "tb"), "--out", str(existing))
-    assert result.returncode == 2 and "already exists" in result.stderr
+    for log in (["tensorboard", str(tmp_path / "tb")], ["csv", str(tmp_path / "metrics.csv")]):
+        result = run_cli(*log, "--out", str(existing))  # refused before the log is read
+        assert result.returncode == 2 and "already exists" in result.stderr, result.stderr
     assert sorted(p.name for p in existing.iterdir()) == ["keep.txt"]

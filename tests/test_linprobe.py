@@ -192,6 +192,9 @@ def test_data_whose_classes_differ_is_refused(run_copy, tmp_path, capsys):
     (["model.depth=3"], "only data.*, device, precision and threads overrides"),
     (["--step", "4"], "no checkpoint of step 4"),
     (["--epochs", "0", "--protocol", "official"], "--epochs must be at least 1"),
+    (["--lr", "-0.1", "--protocol", "official"], "--lr must be > 0, got -0.1"),
+    (["--wd", "nan", "--protocol", "official"], "--wd must be >= 0, got nan"),
+    (["--l2=-1e-4"], "--l2 must be >= 0, got -0.0001"),
 ])
 def test_bad_arguments_are_one_line(run_copy, capsys, argv, match):
     _one_line_error(capsys, ["linprobe", str(run_copy), *argv], match)

@@ -1,8 +1,5 @@
 """SimCLR and BYOL beside MoCo v3: losses against independent implementations of their
 formulas, the shared method interface, and a few real training steps of each on the CPU."""
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -178,22 +175,11 @@ def test_each_method_trains_and_logs_like_moco(tmp_path, name):
 
 
 @pytest.mark.slow
-def test_simclr_ddp_gloo_two_processes_equal_one_process(tmp_path):
+def test_simclr_ddp_gloo_two_processes_equal_one_process(train_one_and_two_processes):
     """NT-Xent over views gathered from both ranks, with gradients: 2 processes of half the
     batch give the single-process loss and per-layer gradient norms."""
-    overrides = [o for o in TINY if not o.startswith("threads")] + [
+    one, two = train_one_and_two_processes(TINY + [
         "method=simclr", "data.augment=none", "model.head_bn=false", "optim.max_steps=3",
-        "knn.enabled=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single, double = tmp_path / "single", tmp_path / "ddp"
-    subprocess.run([sys.executable, "-m", "stabilitylab", "train", "--out", str(single), *overrides],
-                   env=env, check=True, capture_output=True, timeout=300)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "stabilitylab", "train", "--out", str(double), *overrides],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    one, two = sl.load_run(single), sl.load_run(double)
-    assert two.meta["world_size"] == 2
+        "knn.enabled=false"])
     np.testing.assert_allclose(two.steps["loss"], one.steps["loss"], rtol=1e-5)
     np.testing.assert_allclose(two.grad_norms().to_numpy(), one.grad_norms().to_numpy(), rtol=1e-4)

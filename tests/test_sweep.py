@@ -49,11 +49,26 @@ def test_slurm_launcher_writes_an_array_script(tmp_path, capsys):
     assert json.loads((out / "sweep.json").read_text())["grid"]["model.patch_proj"] == ["learned", "frozen", "clip"]
 
 
+def test_a_dry_run_leaves_an_existing_sweep_as_it_was(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["sweep", "--grid", "model.patch_proj=learned,frozen", "--launcher", "slurm",
+                 "--out", str(out), *TINY]) == 0
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    capsys.readouterr()
+    for launcher in ("slurm", "local"):
+        assert main(["sweep", "--grid", "optim.base_lr=1e-3,1e-2,1e-1", "--launcher", launcher,
+                     "--dry-run", "--out", str(out), *TINY]) == 0
+        assert {p.name: p.read_text() for p in out.iterdir()} == before
+    printed = capsys.readouterr().out
+    assert "#SBATCH --array=0-2" in printed and printed.count("optim.base_lr=") >= 6
+
+
 def test_overrides_may_follow_options(tmp_path, capsys):
     assert main(["sweep", "--grid", "model.patch_proj=learned,frozen", "optim.base_lr=1e-1", "--seeds", "1",
                  "--dry-run", "--out", str(tmp_path / "s"), "optim.epochs=8", *TINY]) == 0
     commands = capsys.readouterr().out.splitlines()[1:]
     assert len(commands) == 2 and all("optim.base_lr=1e-1" in c and "optim.epochs=8" in c for c in commands)
+    assert not (tmp_path / "s").exists()  # a dry run writes nothing
     with pytest.raises(SystemExit):
         main(["sweep", "--grid", "model.patch_proj=learned", "--out", str(tmp_path / "t"), "--nope", *TINY])
     assert "unrecognized arguments: --nope" in capsys.readouterr().err

@@ -1,8 +1,5 @@
 """The training loop end to end on a tiny synthetic model: tables written, NaN handling,
 patch-projection clipping, resume equivalence and DDP (gloo x2) equivalence."""
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -204,23 +201,13 @@ def test_checkpoint_keep_keeps_the_newest(tmp_path, keep, kept):
 
 
 @pytest.mark.slow
-def test_ddp_gloo_two_processes_equal_one_process(tmp_path):
+def test_ddp_gloo_two_processes_equal_one_process(train_one_and_two_processes):
     """Same global batch on 1 and 2 CPU processes: same loss and per-layer gradient norms.
     Heads without BatchNorm: SyncBatchNorm needs CUDA, so on CPU BN statistics stay per rank."""
-    overrides = [o for o in TINY if not o.startswith("threads")] + [
+    one, two = train_one_and_two_processes(TINY + [
         "precision=fp32",  # bf16 autocast (auto on a bf16 CPU) rounds 1 and 2 processes differently
-        "data.augment=none", "model.head_bn=false", "optim.max_steps=4", "knn.full_every_epochs=0", "knn.queue_fraction=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single, double = tmp_path / "single", tmp_path / "ddp"
-    subprocess.run([sys.executable, "-m", "stabilitylab", "train", "--out", str(single), *overrides],
-                   env=env, check=True, capture_output=True, timeout=300)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "stabilitylab", "train", "--out", str(double), *overrides],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    one, two = sl.load_run(single), sl.load_run(double)
-    assert two.meta["world_size"] == 2
+        "data.augment=none", "model.head_bn=false", "optim.max_steps=4", "knn.full_every_epochs=0",
+        "knn.queue_fraction=1"])
     np.testing.assert_allclose(two.steps["loss"], one.steps["loss"], rtol=1e-5)
     np.testing.assert_allclose(two.steps["grad_norm"], one.steps["grad_norm"], rtol=1e-4)
     np.testing.assert_allclose(two.grad_norms().to_numpy(), one.grad_norms().to_numpy(), rtol=1e-4)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.durable import write_durably
+
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 # numpy arrays of the RNG state in checkpoints written before it was stored as a tensor
 _LEGACY_NUMPY = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
@@ -71,28 +73,17 @@ def save_checkpoint(state: dict, run_dir: str | os.PathLike, step: int, keep: in
     folder = Path(run_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:08d}.pt"
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as raw:
-            file = _RememberingFile(raw)
-            try:
-                torch.save(state, file)
-            except RuntimeError:
-                if file.error is None:
-                    raise
-                raise file.error from None
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-        fd = os.open(folder, os.O_RDONLY)
+
+    def save(raw) -> None:
+        file = _RememberingFile(raw)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise OSError(exc.errno, f"{reason} while writing {path}") from None
+            torch.save(state, file)
+        except RuntimeError:
+            if file.error is None:
+                raise
+            raise file.error from None
+
+    write_durably(path, save)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.path.unlink(missing_ok=True)
     return Checkpoint(path, step)

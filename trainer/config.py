@@ -8,6 +8,7 @@ through OmegaConf (YAML file + dotted overrides), and hands it to `trainer.train
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -44,6 +45,7 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "on_spike": ("log", "checkpoint", "skip"),
 }
+DEVICES = r"auto|cpu|cuda(:\d+)?"  # the device option, checked by resolve()
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ class DataConfig:
     augment: str = "mocov3"  # mocov3 | none (deterministic resize: for equivalence tests)
     crop_min: float = 0.2  # RandomResizedCrop scale (crop_min, 1): 0.2 for 32-px images; official 0.08 (224 px)
     # device: decode once (small splits: into memory, cached under cache_dir), draw each sample's
-    # parameters in the workers, augment whole batches on the training device (kornia);
+    # parameters in the workers, augment whole batches with kornia on a GPU (in the workers on a CPU);
     # workers: decode + augment image by image with PIL in the DataLoader workers
     pipeline: str = "device"
     cache_dir: str = "~/.cache/stabilitylab"  # decoded small image folders (data.pipeline=device)
@@ -228,6 +230,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for dotted, allowed in CHOICES.items():
         if (value := option(cfg, dotted)) not in allowed:
             raise ValueError(f"{dotted}={value!r} is not one of: {', '.join(allowed)}")
+    if not re.fullmatch(DEVICES, cfg.device):
+        raise ValueError(f"device={cfg.device!r} is not one of: auto, cpu, cuda, cuda:N")
     m = cfg.model
     if m.preset not in MODEL_PRESETS:
         raise ValueError(f"model.preset={m.preset!r} is not one of: {', '.join(MODEL_PRESETS)}")

@@ -55,11 +55,3 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach().clone()
     dist.all_reduce(tensor)
     return tensor / get_world_size()
-
-
-def broadcast_object(obj, src: int = 0):
-    if get_world_size() == 1:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]

@@ -8,8 +8,6 @@ The readers and pandas load only when a log is imported, not for every CLI comma
 """
 from __future__ import annotations
 
-import argparse
-
 __all__ = ["import_run", "add_import_parser", "cmd_import"]
 SOURCES = ("tensorboard", "csv", "wandb")
 
@@ -21,7 +19,7 @@ def import_run(source: str, path, out, *, maps=(), groups=None, **reader_options
     layer groups; reader_options: csv's step / tag / value column names. Returns what was
     imported (see `write_imported_run`).
     """
-    from stabilitylab.importers.core import BadLogError, TagMap, write_imported_run
+    from stabilitylab.importers.core import BadLogError, TagMap, refuse_existing, write_imported_run
 
     if source == "tensorboard":
         from stabilitylab.importers.tensorboard import read_tensorboard as read
@@ -32,6 +30,7 @@ def import_run(source: str, path, out, *, maps=(), groups=None, **reader_options
     else:
         raise BadLogError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
     tag_maps = [TagMap.parse(m) for m in maps]
+    refuse_existing(out)  # before reading a log that may be large
     scalars, config = read(path, **reader_options)
     return write_imported_run(scalars, out, source=source, origin=path, config=config,
                               maps=tag_maps, groups=groups)
@@ -56,7 +55,7 @@ def add_import_parser(sub) -> None:
         description="Import the scalars of another tool's log as a run directory: per-layer "
                     "gradient norms, loss, lr and eval curves become the tables `analyze`, "
                     "`compare` and `report` read.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG)
     parser.add_argument("source", choices=SOURCES, help="the kind of log")
     parser.add_argument("path", metavar="LOG", help="TensorBoard log dir or event file, CSV file, "
                                                     "or W&B offline-run-* folder")

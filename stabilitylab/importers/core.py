@@ -167,6 +167,14 @@ def _knn(scalars: pd.DataFrame, assigned: dict) -> dict | None:
     return columns
 
 
+def refuse_existing(out) -> Path:
+    """`out` as a Path, if it is free for a new run directory (missing or an empty folder)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists; pick another --out (nothing is overwritten)")
+    return out
+
+
 def write_imported_run(scalars: pd.DataFrame, out, *, source: str, origin, config: dict | None = None,
                        maps: list[TagMap] = (), groups: dict | None = None) -> dict:
     """Write `scalars` (step, tag, value; tags in log order) as a new run directory `out`.
@@ -175,9 +183,7 @@ def write_imported_run(scalars: pd.DataFrame, out, *, source: str, origin, confi
     """
     from stabilitylab.rundir import CONFIG_FILE, RunWriter, atomic_write_text, utc_now, write_meta
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists; pick another --out (nothing is overwritten)")
+    out = refuse_existing(out)
     scalars = scalars.dropna(subset=["value"])
     scalars = scalars.astype({"step": np.int64, "value": float})
     tags = list(dict.fromkeys(scalars["tag"]))

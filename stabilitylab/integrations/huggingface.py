@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import torch
 from transformers import TrainerCallback
 
+from stabilitylab.integrations import curve_names, log_curves
 from stabilitylab.monitor import Monitor
 
 
@@ -38,7 +39,7 @@ class StabilityCallback(TrainerCallback):
     def __init__(self, run_dir=None, *, metrics: Sequence[str] | Mapping[str, str] = (),
                  **monitor_options):
         self.run_dir = run_dir
-        self.metrics = dict(metrics) if isinstance(metrics, Mapping) else {m: m for m in metrics}
+        self.metrics = curve_names(metrics)
         self.monitor_options = monitor_options
         self.monitor: Monitor | None = None
         self._model = None
@@ -74,10 +75,7 @@ class StabilityCallback(TrainerCallback):
             self.monitor.log_loss(state.global_step - 1, logs["loss"])
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        for metric, source in self.metrics.items():
-            if metrics and metric in metrics:
-                self.monitor.log_knn(max(state.global_step - 1, 0), top1=float(metrics[metric]),
-                                     source=source, epoch=state.epoch)
+        log_curves(self.monitor, state.global_step - 1, metrics, self.metrics, epoch=state.epoch)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.monitor.close()

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import lightning.pytorch as pl
 
+from stabilitylab.integrations import curve_names, log_curves
 from stabilitylab.monitor import Monitor
 
 
@@ -31,7 +32,7 @@ class StabilityMonitor(pl.Callback):
     def __init__(self, run_dir=None, *, metrics: Sequence[str] | Mapping[str, str] = (),
                  **monitor_options):
         self.run_dir = run_dir
-        self.metrics = dict(metrics) if isinstance(metrics, Mapping) else {m: m for m in metrics}
+        self.metrics = curve_names(metrics)
         self.monitor_options = monitor_options
         self.monitor: Monitor | None = None
         self._stepped = False
@@ -65,10 +66,7 @@ class StabilityMonitor(pl.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self.monitor is None:
             return
-        for metric, source in self.metrics.items():
-            value = trainer.callback_metrics.get(metric)
-            if value is not None:
-                self.monitor.log_knn(max(trainer.global_step - 1, 0), top1=float(value), source=source)
+        log_curves(self.monitor, trainer.global_step - 1, trainer.callback_metrics, self.metrics)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.monitor.close()
