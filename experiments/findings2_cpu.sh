@@ -13,6 +13,9 @@ out="${1:-runs/findings2}"
 edge="${EDGE:-3.2e-2}"   # the R1 edge lr: set it from R1's table before the stages below it
 C=(--config cpu_edge --jobs 2)
 
+# Collapse: the tiny preset (the CPU default) at a cool and a hot lr for 4 epochs (156
+# steps, ~3 min each), probes on: why round 1's hot runs stall (committed; ~20 min)
+stabilitylab sweep --out "$out/collapse_tiny" --grid optim.base_lr=1e-2,1e-1 --seeds 3 --jobs 2 optim.epochs=4
 # R1: the peak lr, one seed each (4e-3 is the smooth scouting run of the issue)
 stabilitylab sweep --out "$out/r1_lr" --grid optim.base_lr=4e-3,8e-3,1.6e-2,3.2e-2 --seeds 1 "${C[@]}"
 # R1, hotter: if nothing above spikes, the edge is higher still

@@ -1,0 +1,128 @@
+"""Print the round-2 tables of docs/findings.md (issue 15) from the sweeps of findings2_cpu.sh.
+
+usage: python experiments/findings2_tables.py [OUT_DIR]   (default runs/findings2)
+
+collapse_tiny: the tiny preset at a cool and a hot lr with the mechanism probes, per seed:
+attention entropy and max logit of the first block at its step-50 evaluation, the first
+step its entropy is below 0.1 of the maximum, the first spike event (default rule), the
+evaluated features' effective rank and the fresh-bank kNN at the first and last evaluation.
+R1 sweeps (r1_*): per run, its length, fresh-bank kNN (final, best, largest fall in noise
+units), spike events under the default rule and >= 10x spikes, the largest excursion, the
+lowest attention entropy and largest max logit of any block, and the precursor table of
+its spikes. Finished and interrupted runs both count (the steps column says how far).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import DEFAULT_RULE, find_spikes, peak_ratio, precursor_table, run_signals, summarize_run
+from stabilitylab.run import is_run_dir, load_runs
+
+ROUND1 = Path(__file__).with_name("findings_tables.py")
+COLLAPSE = "collapse_tiny"
+COLLAPSE_STEP = 50  # the first block's attention at this step: collapsed by then at the hot lr
+COLLAPSED = 0.1  # mean attention entropy / log N below which a block attends to ~1 token
+
+
+def _round1():
+    """findings_tables.py (run_rule, drawdown_noise, pm) as a module."""
+    spec = importlib.util.spec_from_file_location("findings_tables", ROUND1)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _attention(run, stat: str) -> pd.DataFrame:
+    return run.table("attention").pivot_table(index="step", columns="layer", values=stat, observed=True)
+
+
+def collapse_table(runs) -> str:
+    """One row per run of the collapse sweep, in lr then seed order."""
+    rows = ["| base lr | seed | block-0 entropy / log N at step 50 | block-0 max logit at step 50 | "
+            f"first step with block-0 entropy < {COLLAPSED} | first spike event | "
+            "effective rank (first → last eval) | fresh-bank kNN % (first → last eval) |", "|---|" + "---|" * 7]
+    for run in sorted(runs, key=lambda r: (r.config_value("optim.base_lr"), r.config_value("seed"))):
+        entropy, logit = _attention(run, "entropy_mean"), _attention(run, "max_logit")
+        val = run.knn[run.knn["source"] == "val"].sort_values("step")
+        first, last = val.iloc[0], val.iloc[-1]
+        below = entropy.index[entropy["blocks.0"] < COLLAPSED]
+        events = find_spikes(run.grad_norms())
+        spike = "none" if events.empty else "{layer} {step} ({ratio:.0f}×)".format(**events.sort_values("step").iloc[0])
+        rows.append(f"| {run.config_value('optim.base_lr'):g} | {run.config_value('seed')} | "
+                    f"{entropy.at[COLLAPSE_STEP, 'blocks.0']:.3f} | {logit.at[COLLAPSE_STEP, 'blocks.0']:.0f} | "
+                    f"{below[0] if len(below) else 'never'} | {spike} | "
+                    f"{first.effective_rank:.1f} → {last.effective_rank:.1f} | "
+                    f"{100 * first.top1:.1f} → {100 * last.top1:.1f} |")
+    return "\n".join(rows)
+
+
+def r1_table(runs, round1) -> str:
+    rows = ["| run | steps | final kNN % | best kNN % | largest fall (σ) | spike events | ≥10× spikes | "
+            "largest excursion | lowest attention entropy | largest max logit |", "|---|" + "---|" * 9]
+    for run in runs:
+        rule = round1.run_rule(run, str(DEFAULT_RULE))
+        s = summarize_run(run, rule=rule)
+        norms = run.grad_norms()
+        ten_x = len(find_spikes(norms, round1.run_rule(run, "ratio:10")))
+        peaks = peak_ratio(norms, rule)
+        attention = run.table("attention")
+        lowest = largest = "—"
+        if len(attention):
+            entropy, logit = _attention(run, "entropy_mean"), _attention(run, "max_logit")
+            low = entropy.min().idxmin()
+            lowest = f"{entropy[low].min():.2f} ({low}, step {entropy[low].idxmin()})"
+            high = logit.max().idxmax()
+            largest = f"{logit[high].max():.0f} ({high}, step {logit[high].idxmax()})"
+        rows.append(f"| {run.path.parent.name}/{run.name} | {run.steps['step'].max() + 1} "
+                    f"({run.meta.get('status')}) | {round1.pm(s['final_top1'], float('nan'), 100)} | "
+                    f"{round1.pm(s['best_top1'], float('nan'), 100)} | {round1.drawdown_noise(run):.1f} | "
+                    f"{sum(s['spikes'].values())} | {ten_x} | {peaks.idxmax()} {peaks.max():.1f}× | {lowest} | {largest} |")
+    return "\n".join(rows)
+
+
+def precursors(runs, round1) -> str:
+    """The precursor table of every run with spike events, its events pooled per run."""
+    out = []
+    for run in runs:
+        rule = round1.run_rule(run, str(DEFAULT_RULE))
+        events = find_spikes(run.grad_norms(), rule)
+        if len(events):
+            table = precursor_table(events, run_signals(run), rule=rule)
+            rows = [f"{run.path.parent.name}/{run.name}, {len(events)} spike events:", "",
+                    "| signal | moved near | before / same step / after | median lead (range) | by chance |",
+                    "|---|---|---|---|---|"]
+            rows += [f"| {r.signal} | {r.n_moved} | {r.n_before} / {r.n_same_step} / {r.n_after} | "
+                     + ("—" if pd.isna(r.median_lead) else f"{r.median_lead:+.0f} ({r.min_lead:+.0f} … {r.max_lead:+.0f})")
+                     + f" | {r.chance_moved:.1f} |" for r in table.itertuples()]
+            out.append("\n".join(rows))
+    return "\n\n".join(out) or "no spike events in any run"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default="runs/findings2")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if not out.is_dir():
+        parser.error(f"{out} is not a folder: pass the folder that holds the round-2 sweeps (e.g. runs/findings2)")
+    sweeps = {p.name: p for p in sorted(out.iterdir())
+              if p.is_dir() and (p.name == COLLAPSE or p.name.startswith("r1_")) and any(map(is_run_dir, p.iterdir()))}
+    if not sweeps:
+        parser.error(f"no {COLLAPSE} or r1_* sweep with runs under {out}")
+    round1 = _round1()
+    if COLLAPSE in sweeps:
+        print(f"### {COLLAPSE}: attention and representation collapse at the hot lr\n\n"
+              f"{collapse_table(load_runs([sweeps.pop(COLLAPSE)]))}\n")
+    runs = load_runs(list(sweeps.values()))
+    if runs:
+        print(f"### R1: long horizon, one row per run\n\n{r1_table(runs, round1)}\n")
+        print(f"### R1: which signal moved first (lookback 50 steps)\n\n{precursors(runs, round1)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
