@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import signal, stats
 
+from .layers import last_block
 from .spikes import SpikeRule, find_spikes, log_deviation
 
 MAX_LAG_INTERVALS = 10
@@ -163,8 +164,7 @@ def spike_lead_lag(grad_norms: pd.DataFrame, *, first="patch_embed", layers=None
     matches = (pd.concat(matches, ignore_index=True) if matches
                else pd.DataFrame(columns=["layer", "first_step", "layer_step", "lag"]))
     if last is None:
-        blocks = [c for c in layers if str(c).startswith("blocks.")]
-        last = blocks[-1] if blocks else (layers[-1] if layers else None)
+        last = last_block(None, layers)
     elif last not in layers:
         raise ValueError(f"last={last!r} is not one of the compared layers")
     result = LeadLagResult(per_layer, matches, events, "", first, last, n_permutations, max_lag)

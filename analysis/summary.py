@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 
 from .dips import find_knn_dips, knn_curves
+from .layers import first_layer, last_block
 from .leadlag import LeadLagResult, spike_lead_lag
 from .linear import linear_summary
 from .spikes import SPIKE_COLUMNS, SpikeRule, find_spikes, running_ratio, valid_values
 
 FINAL_LOSS_STEPS = 100
 MAX_EXCURSIONS = 5
-DEFAULT_FIRST = "patch_embed"
 DIP_FIELDS = ["source", "start_step", "bottom_step", "end_step", "peak", "bottom", "depth",
               "depth_noise", "recovered", "confirmed"]
 
@@ -45,7 +45,7 @@ def analyze_run(run, *, first=None, rule=None) -> RunAnalysis:
     the frames behind the numbers. See `summarize_run` for the arguments and the keys."""
     rule = SpikeRule.parse(rule)
     meta = run.meta or {}
-    first = first or meta.get("first_layer") or DEFAULT_FIRST
+    first = first or first_layer(meta)
     steps = run.steps
     loss = steps["loss"].astype(float) if "loss" in steps else pd.Series(dtype=float)
     loss = loss[np.isfinite(loss)]
@@ -65,7 +65,7 @@ def analyze_run(run, *, first=None, rule=None) -> RunAnalysis:
     s.update(_knn_summary(run.knn, dips, s["notes"]))
     s.update(linear_summary(getattr(run, "linear", None)))
     grad_norms = run.grad_norms() if len(run.layers) else pd.DataFrame()
-    spikes, events, lead_lag = _spike_summary(grad_norms, first, meta.get("last_block"), rule, s)
+    spikes, events, lead_lag = _spike_summary(grad_norms, first, last_block(meta, grad_norms.columns), rule, s)
     s.update(spikes)
     return RunAnalysis(_jsonable(s), grad_norms, events, dips, lead_lag, rule)
 

@@ -19,6 +19,7 @@ import pandas as pd
 from analysis import (DEFAULT_RULE, SpikeRule, binomial_noise, compare_runs, config_table, find_spikes, knn_curves,
                       running_ratio, seed_spread, spike_lead_lag, varied_keys)
 from analysis.compare import METRICS
+from analysis.layers import last_block
 from analysis.spikes import WARMUP
 from stabilitylab.run import is_run_dir, load_runs
 
@@ -206,7 +207,7 @@ def first_layer_spikes(runs, max_lag=10) -> str:
     for run in runs:
         if not len(run.layers) or "patch_embed" not in (norms := run.grad_norms()).columns:
             continue
-        last = [c for c in norms.columns if str(c).startswith("blocks.")][-1]
+        last = last_block(run.meta, norms.columns)
         ratio = running_ratio(norms[last])
         for e in find_spikes(norms["patch_embed"], run_rule(run, "ratio:10")).itertuples():
             after = ratio.loc[e.peak_step:e.peak_step + max_lag]

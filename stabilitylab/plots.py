@@ -19,6 +19,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from analysis import SpikeRule, binomial_noise, config_table, find_spikes, knn_curves, running_ratio, varied_keys
+from analysis.layers import BLOCK, last_block, logged_first_layer
 from analysis.spikes import valid_values
 
 MAX_POINTS = 4000
@@ -101,23 +102,14 @@ def bucket_max(wide: pd.DataFrame, max_rows: int = MAX_HEATMAP_COLUMNS) -> pd.Da
 
 
 def default_layers(layers) -> list[str]:
-    """First layer, middle and last transformer block (the paper's "last layers", not the
-    heads); without `blocks.N` columns the middle and last column. Fewer when fewer layers."""
+    """First logged layer, middle and last transformer block (the paper's "last layers", not
+    the heads; `analysis.layers.last_block`); without `blocks.N` columns the middle and last
+    column. Fewer when fewer layers."""
     layers = [str(layer) for layer in layers]
     if not layers:
         return []
-    blocks = [layer for layer in layers if layer.startswith("blocks.")] or layers
-    return list(dict.fromkeys([layers[0], blocks[len(blocks) // 2], blocks[-1]]))
-
-
-def first_layer(run, columns) -> str | None:
-    """The layer a first-layer plot shows: `meta["first_layer"]` or patch_embed when logged,
-    else the first logged column (a frozen patch projection has no gradient to log)."""
-    columns = [str(c) for c in columns]
-    for name in ((run.meta or {}).get("first_layer"), "patch_embed"):
-        if name in columns:
-            return name
-    return columns[0] if columns else None
+    blocks = [layer for layer in layers if BLOCK.fullmatch(layer)] or layers
+    return list(dict.fromkeys([layers[0], blocks[len(blocks) // 2], last_block(None, layers)]))
 
 
 # ------------------------------------------------------------------ grouping runs by setting
@@ -477,7 +469,7 @@ def overlay_first_layer(runs, max_points: int = MAX_POINTS, styles=None) -> go.F
     shown, stand_ins = set(), set()
     for run, style in zip(runs, styles):
         wide = run.grad_norms() if len(run.layers) else pd.DataFrame()
-        layer = first_layer(run, wide.columns)
+        layer = logged_first_layer(run.meta, wide.columns)
         if layer is None:
             continue
         shown.add(layer)

@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis import SpikeRule, find_spikes, knn_curves, running_ratio
+from analysis.layers import last_block, logged_first_layer
 from stabilitylab.plots import LAYOUT, MAX_POINTS, PALETTE, decimate, label, log_ticks
 from stabilitylab.run import pivot_layers
 
@@ -49,15 +50,9 @@ class Section:
 
 
 def first_and_last(run, layers) -> tuple[str, str]:
-    """The layers to set side by side: meta `first_layer` (else `patch_embed`, else the first
-    layer) and meta `last_block` (else the last `blocks.N`, else the last layer)."""
-    layers = [str(layer) for layer in layers]
-    meta = run.meta or {}
-    first = meta.get("first_layer") if meta.get("first_layer") in layers else (
-        "patch_embed" if "patch_embed" in layers else layers[0])
-    blocks = [layer for layer in layers if layer.startswith("blocks.")]
-    last = meta.get("last_block") if meta.get("last_block") in layers else (blocks or layers)[-1]
-    return first, last
+    """The layers to set side by side: the first layer when logged and the last block
+    (`analysis.layers`)."""
+    return logged_first_layer(run.meta, layers), last_block(run.meta, layers)
 
 
 def _long(table: pd.DataFrame, layers) -> pd.DataFrame:

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.layers import BLOCK
+
 LAYER_COLUMNS = ("grad_l2", "grad_max_abs", "param_l2", "update_l2")
 STEP_COLUMNS = ("loss", "lr", "grad_norm", "epoch", "momentum", "loss_scale")
 KNN_COLUMNS = ("top1", "top5", "n_queries")
@@ -136,7 +138,7 @@ def _layers(scalars: pd.DataFrame, assigned: dict, groups: dict | None):
     columns.update({c: wide[c].to_numpy(float) for c in LAYER_COLUMNS if c in wide})
     first = grouping.first_layer if grouping else order[0]
     last = grouping.last_block if grouping else next(
-        (layer for layer in reversed(order) if re.fullmatch(r"blocks\.\d+", layer)), None)
+        (layer for layer in reversed(order) if BLOCK.fullmatch(layer)), None)
     return columns, first, last
 
 
