@@ -117,8 +117,8 @@ def main(argv=None) -> int:
     if COLLAPSE in sweeps:
         print(f"### {COLLAPSE}: attention and representation collapse at the hot lr\n\n"
               f"{collapse_table(load_runs([sweeps.pop(COLLAPSE)]))}\n")
-    runs = load_runs(list(sweeps.values()))
-    if runs:
+    if sweeps:
+        runs = load_runs(list(sweeps.values()))
         print(f"### R1: long horizon, one row per run\n\n{r1_table(runs, round1)}\n")
         print(f"### R1: which signal moved first (lookback 50 steps)\n\n{precursors(runs, round1)}")
     return 0

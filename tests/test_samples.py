@@ -47,7 +47,7 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     assert experiment_script("findings_tables").main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 44 and all(r.meta["status"] == "finished" for r in runs)
+    assert len(runs) == 44 + 8 and all(r.meta["status"] == "finished" for r in runs)  # rounds 1 and 2
     # S5: the batch sizes side by side, each with its length in steps
     s5 = out[out.index("### S5"):].split("\n\n")[1].splitlines()
     assert [row.split("|")[1:6] for row in s5[2:]] == [
@@ -62,6 +62,25 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     clip = sl.load_run(SAMPLES / "findings" / "clip_lr1e-1" / "patch_proj_clip=1_seed0").steps["loss"]
     plain = sl.load_run(SAMPLES / "findings" / "variants_lr1e-1" / "patch_proj=learned_seed0").steps["loss"]
     assert (clip[:72] == plain[:72]).all() and (clip[72:80] != plain[72:80]).any()
+
+
+def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_path):
+    """docs/findings.md, round 2: the collapse table and the R1 rows from the committed runs."""
+    tables = experiment_script("findings2_tables")
+    assert tables.main([str(SAMPLES / "findings")]) == 0
+    out = capsys.readouterr().out
+    collapse = out[out.index("### collapse_tiny"):].split("\n\n")[1].splitlines()[2:]
+    rows = [[c.strip() for c in row.split("|")[1:-1]] for row in collapse]
+    hot, cool = [r for r in rows if r[0] == "0.1"], [r for r in rows if r[0] == "0.01"]
+    assert len(hot) == 3 and len(cool) == 3
+    assert all(float(r[2]) < 0.1 and int(r[3]) > 500 and r[4] == "30" for r in hot)
+    assert all(float(r[2]) > 0.7 and int(r[3]) < 50 and r[4] == "never" for r in cool)
+    assert [r[5] for r in hot] == ["cls_token 96 (417×)", "none", "none"]
+    assert "| r1_lr/base_lr=4e-3_seed0 | 3000 (finished) | 48.8 | 48.8 |" in out
+    assert "no spike events in any run" in out
+    with pytest.raises(SystemExit) as exit_info:
+        tables.main([str(tmp_path)])
+    assert exit_info.value.code == 2 and "no collapse_tiny or r1_* sweep" in capsys.readouterr().err
 
 
 def test_findings_figures_are_written_from_the_committed_runs(tmp_path):
