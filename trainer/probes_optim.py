@@ -65,6 +65,19 @@ def _sums(tensors: list[torch.Tensor], *, nonnegative: bool = False) -> torch.Te
     return 2 * tensor_norms(tensors, 1) - total
 
 
+def _count_below(tensors: list[torch.Tensor], limits: list[float]) -> torch.Tensor:
+    """Per-tensor counts of the entries below their limit, as one float32 vector. On the CPU a
+    loop of compare and count: one pass and a bool temporary each, where the fused form's four
+    float passes took 3x as long; elsewhere fused: the L2 norm of -1 where below, else 0,
+    rounded (its square is the count up to rounding)."""
+    if tensors[0].device.type == "cpu":
+        return torch.stack([torch.count_nonzero(t < limit) for t, limit in zip(tensors, limits)]).float()
+    below = torch._foreach_sub(tensors, limits)
+    torch._foreach_sign_(below)
+    torch._foreach_clamp_max_(below, 0.0)
+    return tensor_norms(below, 2).square().round()
+
+
 @dataclass
 class _Plan:
     """Which probed tensors have a gradient, an optimizer group, Adam or LARS state, with their
@@ -185,11 +198,8 @@ class OptimizerStateProbe:
                     corrections[id(group)] = 1 - group["betas"][1] ** t if group.get("bias_correction", True) else 1.0
             correction = [corrections[id(g)] for g in plan.adam_groups]
             v_hat = _sums(plan.adam_squares, nonnegative=True) / self._tensor(correction)
-            below = torch._foreach_sub(plan.adam_squares, [(SMALL_V * g["eps"]) ** 2 * c  # sqrt(v/c) < 10 eps
-                                                           for g, c in zip(plan.adam_groups, correction)])
-            torch._foreach_sign_(below)
-            torch._foreach_clamp_max_(below, 0.0)  # -1 where v is below, else 0
-            small = tensor_norms(below, 2).square()  # the count of -1s (the L2 norm is the fast one)
+            small = _count_below(plan.adam_squares, [(SMALL_V * g["eps"]) ** 2 * c  # sqrt(v/c) < 10 eps
+                                                     for g, c in zip(plan.adam_groups, correction)])
             has_state = plan.adam_numel > 0
             nan = torch.full_like(plan.adam_numel, math.nan)
             row[:, 0] = torch.where(has_state, self._sum(grad_sq[plan.adam], plan.adam_index)
@@ -218,12 +228,12 @@ class OptimizerStateProbe:
         plan, grad_sq = self._pending
         self._pending = None
         row = self._buffer[len(self._steps) - 1]
-        negative_update, update = self.snapshot.update()  # -(theta_t - theta_{t-1}), its norms
+        update = self.snapshot.update()  # ||theta_t - theta_{t-1}|| per tensor
         lr = self._tensor([math.nan if g is None else float(g["lr"]) for g in plan.lr_groups])
         row[:, 2] = (self._sum((update / lr).square(), self._group_of) / self._numel).sqrt()
         if plan.with_grad:
-            dot = _sums(torch._foreach_mul([negative_update[i] for i in plan.with_grad],  # <-update, g>
-                                           [self.params[i].grad for i in plan.with_grad]))
+            dot = _sums(self.snapshot.multiply_update([self.params[i].grad for i in plan.with_grad],
+                                                      plan.with_grad))  # <-update, g>
             grad_norm = self._sum(grad_sq, plan.grad_index).sqrt()
             update_norm = self._sum(update.square(), self._group_of).sqrt()
             row[:, 3] = self._sum(dot, plan.grad_index) / (update_norm * grad_norm)
