@@ -66,23 +66,37 @@ class UpdateSnapshot:
         self._previous = [torch.empty_like(p) for p in params]
         self._norms: torch.Tensor | None = None
         self._taken: int | None = None  # the step of a copy that waits for `update`
+        self._spent = False  # the copy was multiplied in place (`multiply_update`)
 
     @torch.no_grad()
     def take(self, step: int) -> None:
         """Copy the weights before step `step`'s update (once: a second probe's call is free)."""
         if self._taken != step:
             torch._foreach_copy_(self._previous, self.params)
-            self._taken, self._norms = step, None
+            self._taken, self._norms, self._spent = step, None, False
 
     @torch.no_grad()
-    def update(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """(-(theta_t - theta_{t-1}) per tensor, their float32 L2 norms) since the last `take`."""
+    def update(self) -> torch.Tensor:
+        """Float32 L2 norm of each tensor's theta_t - theta_{t-1} since the last `take`."""
         if self._taken is not None:
-            torch._foreach_sub_(self._previous, self.params)
+            torch._foreach_sub_(self._previous, self.params)  # = -(theta_t - theta_{t-1})
             self._norms, self._taken = tensor_norms(self._previous, 2), None
         if self._norms is None:
             raise RuntimeError("UpdateSnapshot.update() without a preceding take()")
-        return self._previous, self._norms
+        return self._norms
+
+    @torch.no_grad()
+    def multiply_update(self, others: list[torch.Tensor], positions: list[int]) -> list[torch.Tensor]:
+        """-(theta_t - theta_{t-1}) * other for the tensors at `positions`, elementwise, made in
+        the copy's own memory (no temporary the size of the weights). That spends the copy:
+        once per step, after any `update` it needs."""
+        self.update()
+        if self._spent:
+            raise RuntimeError("UpdateSnapshot.multiply_update() twice on one copy")
+        self._spent = True
+        products = [self._previous[i] for i in positions]
+        torch._foreach_mul_(products, others)
+        return products
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -274,7 +288,7 @@ class GradientProbe:
         row[:, 2] = self._group_l2(*self._squares(self.params))
         if self._snapshot_rows == len(self._steps):
             self._snapshot_rows = None
-            row[:, 3] = self._group_l2(self.snapshot.update()[1].square(), self._group_index)
+            row[:, 3] = self._group_l2(self.snapshot.update().square(), self._group_index)
 
     def drain(self) -> dict[str, np.ndarray]:
         """Columns of the `layers` table for the buffered steps (one device->host copy); resets."""
