@@ -222,17 +222,17 @@ class GradientProbe:
             raise RuntimeError(f"GradientProbe buffer is full ({self.capacity} rows): "
                                "drain() first")
         grads = [p.grad for p in self.params]
-        squares, index = self._squares(grads)
+        positions, index = self._present(grads)
+        squares, _ = self._squares(grads)
         row = self._buffer[len(self._steps)]
         row[:, 0] = self._group_l2(squares, index)
-        present = [g for g in grads if g is not None]
         max_abs = torch.zeros(len(self.layer_names), device=self.device)
-        if present:
-            max_abs.scatter_reduce_(0, index, tensor_norms(present, math.inf).to(self.device), "amax")
+        if positions:
+            max_abs.scatter_reduce_(0, index, tensor_norms([grads[i] for i in positions], math.inf).to(self.device), "amax")
         row[:, 1] = max_abs
         self._steps.append(int(step))
         per_tensor = torch.zeros(len(self.params), device=squares.device)
-        per_tensor[self._present(grads)[0]] = squares
+        per_tensor[positions] = squares
         self._recorded = ([None if g is None else (g, g._version) for g in grads], per_tensor)
         return row[:, 0].square().sum().sqrt()
 

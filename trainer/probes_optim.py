@@ -67,9 +67,10 @@ def _sums(tensors: list[torch.Tensor], *, nonnegative: bool = False) -> torch.Te
 
 def _count_below(tensors: list[torch.Tensor], limits: list[float]) -> torch.Tensor:
     """Per-tensor counts of the entries below their limit, as one float32 vector. On the CPU a
-    loop of compare and count: one pass and a bool temporary each, where the fused form's four
-    float passes took 3x as long; elsewhere fused: the L2 norm of -1 where below, else 0,
-    rounded (its square is the count up to rounding)."""
+    loop of compare and count: one pass and a bool temporary each (in a CPU-preset step 1.26
+    against 1.5 ms for the fused form's four float passes over a weights-sized temporary);
+    elsewhere fused: the L2 norm of -1 where below, else 0, rounded (its square is the count
+    up to rounding)."""
     if tensors[0].device.type == "cpu":
         return torch.stack([torch.count_nonzero(t < limit) for t, limit in zip(tensors, limits)]).float()
     below = torch._foreach_sub(tensors, limits)
