@@ -238,8 +238,15 @@ def set_instrumentation(trainer, parts: set, saved: dict) -> None:
         trainer._last_good = None
 
 
-def component_times(trainer, batch, saved: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each instrument call alone, on the gradients of one real step."""
+def component_times(trainer, batch, saved: dict, repeats: int, clock: str = "cpu") -> dict[str, float]:
+    """Median seconds (`clock`: process CPU time or wall) of each instrument call, on the
+    gradients of one real step.
+
+    The probes of a logged step run in the loop's order, each repeat as a new step (the
+    optimizer-state probe shares the gradient probe's weight copy, update and gradient norms,
+    so a call repeated on the same step would find its work done): `record_update` finds
+    the update already taken by `after_step`, which therefore carries it.
+    """
     from trainer import distributed as dist_utils
 
     set_instrumentation(trainer, ARMS["all"], saved)
@@ -251,38 +258,46 @@ def component_times(trainer, batch, saved: dict, repeats: int) -> dict[str, floa
     values = probe.last_grad_l2().cpu().numpy() if probe._steps else np.ones(len(probe.layer_names))
     trainer.cfg.on_spike = "checkpoint"
 
-    def optim_step():
-        optim.before_step(trainer.step)
-        optim.after_step()
+    def logged_step(step):
+        return {
+            "probe.record": lambda: probe.record(step),
+            "probe.snapshot_params": probe.snapshot_params,
+            "optim_probe.before_step": lambda: optim.before_step(step),
+            "optim_probe.after_step (with the shared update)": optim.after_step,
+            "probe.record_update": probe.record_update,
+        }
 
-    calls = {
+    alone = {
         "probe.total_grad_norm (also in off)": lambda: probe.total_grad_norm(),
-        "probe.record": lambda: probe.record(trainer.step),
-        "probe.snapshot_params": probe.snapshot_params,
-        "probe.record_update": probe.record_update,
         "knn.enqueue": lambda: monitor.enqueue(dist_utils.concat_all_gather(feats), labels),
-        "optim_probe.before_step + after_step": optim_step,
         "spike detector update": lambda: spikes.update(trainer.step, values),
         "keep last good state (on_spike=checkpoint)": trainer._remember_last_good_state,
         "  vs a deep copy of the whole state": lambda: copy.deepcopy(trainer.state_dict()),
     }
-    out = {}
-    for name, call in calls.items():
-        times = []
-        for _ in range(repeats):
-            for p in (probe, optim):
-                if p.full:
-                    p.drain()
-            sync(trainer.device)
-            t0 = time.perf_counter()
-            call()
-            sync(trainer.device)
-            times.append(time.perf_counter() - t0)
-        out[name] = statistics.median(times)
+    times: dict[str, list[float]] = {}
+    now = time.process_time if clock == "cpu" else time.perf_counter
+
+    def timed(name, call):
+        sync(trainer.device)
+        c0 = now()
+        call()
+        sync(trainer.device)
+        times.setdefault(name, []).append(now() - c0)
+
+    for i in range(repeats):
+        for p in (probe, optim):
+            if p.full:
+                p.drain()
+        c0 = now()
+        for name, call in logged_step(trainer.step + i).items():
+            timed(name, call)
+        times.setdefault("= the probes of one logged step", []).append(now() - c0)
+        for name, call in alone.items():
+            timed(name, call)
     probe.drain()
     optim.drain()
     set_instrumentation(trainer, ARMS["all"], saved)
-    return out
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def summarize(ratios) -> tuple[float, float, float, float, float]:
@@ -355,8 +370,8 @@ def main(argv=None) -> int:
             print(f"  {arm:18s} {statistics.median(steps[arm, c]) * 1e3:9.2f} ms; / off median {median:.4f}, "
                   f"IQR [{q1:.4f}, {q3:.4f}], CI [{lo:.4f}, {hi:.4f}]{extra}")
     if not args.quick:
-        print("each instrument alone (median of 30 calls, wall):")
-        for name, seconds in component_times(trainer, batch, saved, 30).items():
+        print(f"each instrument call (median of 30, {clock} time):")
+        for name, seconds in component_times(trainer, batch, saved, 30, clock).items():
             print(f"  {name:44s} {seconds * 1e3:8.3f} ms")
     what = f"{device.type}, {cfg.model.preset}, b{cfg.optim.batch_size}, {clock} time"
     median, q1, q3, lo, hi = summary["all", clock]

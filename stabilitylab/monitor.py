@@ -103,7 +103,7 @@ class Monitor:
         self.optim_probe, self._optim_hook, self._optim_step = None, None, None
         if optimizer is not None and optim_state:
             self.optim_probe = OptimizerStateProbe(model, optimizer, per_param=per_param,
-                                                   capacity=capacity, groups=groups)
+                                                   capacity=capacity, groups=groups, gradients=self.probe)
             self._optim_hook = _stepping(optimizer).register_step_pre_hook(_weak_hook(self))
         grouping = self.probe.grouping
         self._resuming = resume and is_run_dir(self.run_dir)

@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from trainer.probes import GradientProbe, layer_groups
+from trainer.probes import GradientProbe, layer_groups, tensor_norms
 
 
 
@@ -142,6 +142,23 @@ def test_mixed_dtypes_computed_in_float32():
     out = probe.drain()
     np.testing.assert_allclose(out["grad_l2"], reference(model, groups, "grad")[:, 0], rtol=1e-5)
     np.testing.assert_allclose(out["param_l2"], reference(model, groups, "data")[:, 0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_abs_norms_equal_abs_then_max(dtype):
+    """The CPU's max-abs path (one min/max pass per tensor) gives abs().max()'s values exactly:
+    a negative extreme, signed zeros and inf bit for bit, NaN as NaN."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(7, 5, generator=gen), -torch.rand(9, generator=gen) - 3,
+               torch.tensor([-0.0, -0.0]), torch.zeros(3), torch.tensor([1.0, -math.inf]),
+               torch.tensor([2.0, math.nan, -5.0]), torch.randn(1, generator=gen)]
+    tensors = [t.to(dtype) for t in tensors]
+    got = tensor_norms(tensors, math.inf)
+    expected = torch.stack([t.abs().max().float() for t in tensors])
+    assert got.dtype == torch.float32
+    finite = ~expected.isnan()
+    assert got[finite].numpy().tobytes() == expected[finite].numpy().tobytes()
+    assert got[~finite].isnan().all() and (~finite).sum() == 1
 
 
 def test_update_norms_off_drain_rows_and_full():

@@ -11,7 +11,7 @@ from torch import nn
 
 import stabilitylab as sl
 from stabilitylab.plots_probes import optimizer_state_figure, optimizer_state_section
-from trainer.probes import layer_groups
+from trainer.probes import GradientProbe, layer_groups
 from trainer.probes_optim import COLUMNS, SMALL_V, OptimizerStateProbe
 
 
@@ -147,6 +147,40 @@ def test_named_parameters_skipped_update_and_parameters_outside_the_optimizer():
     assert all(math.isnan(columns[c][projector]) for c in ("adam_freshness", "update_rms_over_lr"))
     with pytest.raises(RuntimeError, match="after_step"):
         probe.after_step()
+
+
+def test_sharing_the_gradient_probe_changes_no_number():
+    """Handed the GradientProbe, the probe reuses its weight copy, update and gradient norms
+    and logs bit for bit what it logs alone, also when gradients are clipped in between (their
+    norms are taken again) and on a skipped update."""
+    runs = []
+    for shared in (False, True):
+        torch.manual_seed(0)
+        model = Tiny()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.1)
+        gradients = GradientProbe(model, capacity=8)
+        probe = OptimizerStateProbe(model, optimizer, capacity=8, gradients=gradients if shared else None)
+        assert (probe.snapshot is gradients.snapshot) == shared  # one copy of the weights
+        for step in range(5):
+            backward(model, step)
+            gradients.record(step)
+            if step % 2:  # clipping after the gradient probe, before the optimizer sees them
+                assert torch.nn.utils.clip_grad_norm_(model.blocks[0].parameters(), 0.1) > 0.1
+            gradients.snapshot_params()
+            probe.before_step(step)
+            if step != 3:
+                optimizer.step()
+            probe.after_step()
+            gradients.record_update()
+        runs.append((gradients.drain(), probe.drain()))
+    for alone, shared in zip(*runs):
+        assert alone.keys() == shared.keys()
+        for name in alone:
+            np.testing.assert_array_equal(alone[name], shared[name], err_msg=name)
+    clipped = (runs[0][1]["step"] == 3) & (runs[0][1]["layer"] == "blocks.0")
+    assert runs[0][1]["update_rms_over_lr"][clipped] == 0  # the skipped update
+    with pytest.raises(ValueError, match="same parameters"):
+        OptimizerStateProbe(model, optimizer, gradients=GradientProbe(model, per_param=True))
 
 
 def test_a_run_logs_optimizer_state_and_the_switch_turns_it_off(tmp_path):

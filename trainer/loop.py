@@ -219,7 +219,8 @@ class Trainer:
         self.probe = GradientProbe(self.model, per_param=cfg.log.per_param,
                                    update_norms=cfg.log.update_norms, capacity=rows, device=self.device)
         self.optim_probe = (OptimizerStateProbe(self.model, self.optimizer, per_param=cfg.log.per_param,
-                                                capacity=rows) if cfg.log.optim_state else None)
+                                                capacity=rows, gradients=self.probe)
+                            if cfg.log.optim_state else None)
 
     @property
     def probes_full(self) -> bool:

@@ -19,12 +19,14 @@ where the optimizer keeps no such state:
 
 g is the gradient the optimizer sees (after unscaling and any clipping). Everything runs on
 the parameters' device with fused `torch._foreach_*` ops and is buffered there; the host sees
-numbers only in `drain`. It takes one copy of the trained weights for the update.
+numbers only in `drain`. It takes one copy of the trained weights for the update; handed the
+run's `GradientProbe` (`gradients=`), it shares that probe's copy, update and per-tensor
+gradient norms instead (the norms of gradients clipped in between are taken again).
 
 Works on any model and any torch optimizer (it reads `optimizer.state` by key, so optimizers
 are recognised by what they keep, not by class), e.g. from a plain training loop:
 
-    probe = OptimizerStateProbe(model, optimizer)     # or named parameters
+    probe = OptimizerStateProbe(model, optimizer)     # or named parameters; gradients=GradientProbe
     loss.backward(); clip_grad_norm_(...)
     probe.before_step(step)
     optimizer.step()
@@ -42,24 +44,11 @@ import torch
 from timm.optim.lars import _lars_trust_ratio
 from torch import nn
 
-from trainer.probes import group_members, named_grouping
+from trainer.probes import GradientProbe, UpdateSnapshot, group_members, named_grouping, tensor_norms
 
 COLUMNS = ("adam_freshness", "adam_small_v_frac", "update_rms_over_lr", "update_cos_neg_grad",
            "lars_trust_ratio")
 SMALL_V = 10.0  # adam_small_v_frac counts entries with sqrt(v_hat) < SMALL_V * eps
-
-
-def _norms(tensors: list[torch.Tensor], ord: float) -> torch.Tensor:
-    """Per-tensor norms as one float32 vector (half and bf16 accumulate in float32)."""
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1:  # the usual case: one fused call
-        dtype = dtypes.pop()
-        return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32 if dtype.itemsize < 4 else None)).float()
-    out = torch.empty(len(tensors), device=tensors[0].device)
-    for dtype in dtypes:
-        positions = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-        out[positions] = _norms([tensors[i] for i in positions], ord)
-    return out
 
 
 def _sums(tensors: list[torch.Tensor], *, nonnegative: bool = False) -> torch.Tensor:
@@ -69,11 +58,25 @@ def _sums(tensors: list[torch.Tensor], *, nonnegative: bool = False) -> torch.Te
     place, so pass temporaries."""
     if tensors[0].device.type == "cpu":
         return torch.stack([t.sum(dtype=torch.float32) for t in tensors])
-    total = _norms(tensors, 1)
+    total = tensor_norms(tensors, 1)
     if nonnegative:
         return total
     torch._foreach_clamp_min_(tensors, 0.0)
-    return 2 * _norms(tensors, 1) - total
+    return 2 * tensor_norms(tensors, 1) - total
+
+
+def _count_below(tensors: list[torch.Tensor], limits: list[float]) -> torch.Tensor:
+    """Per-tensor counts of the entries below their limit, as one float32 vector. On the CPU a
+    loop of compare and count: one pass and a bool temporary each (in a CPU-preset step 1.26
+    against 1.5 ms for the fused form's four float passes over a weights-sized temporary);
+    elsewhere fused: the L2 norm of -1 where below, else 0, rounded (its square is the count
+    up to rounding)."""
+    if tensors[0].device.type == "cpu":
+        return torch.stack([torch.count_nonzero(t < limit) for t, limit in zip(tensors, limits)]).float()
+    below = torch._foreach_sub(tensors, limits)
+    torch._foreach_sign_(below)
+    torch._foreach_clamp_max_(below, 0.0)
+    return tensor_norms(below, 2).square().round()
 
 
 @dataclass
@@ -100,18 +103,24 @@ class OptimizerStateProbe:
     model_or_named_params: the model (MoCo module or any `nn.Module`; DDP / compile wrappers
     are unwrapped) or an iterable of (name, parameter); trained (requires_grad) parameters
     are grouped by name as the gradient probe groups them, so rows line up with its rows.
-    Parameters the optimizer does not hold get NaN.
+    Parameters the optimizer does not hold get NaN. gradients: the run's `GradientProbe` over the
+    same parameters and groups, to share its weight copy, update and gradient norms (call its
+    `record` before, and `snapshot_params` / `record_update` around, the same optimizer step).
     """
 
     def __init__(self, model_or_named_params: nn.Module | Iterable[tuple[str, nn.Parameter]],
                  optimizer: torch.optim.Optimizer, *, per_param: bool = False, capacity: int = 1000,
-                 groups: Mapping[str, str] | None = None):
+                 groups: Mapping[str, str] | None = None, gradients: GradientProbe | None = None):
         grouping, named = named_grouping(model_or_named_params, per_param=per_param, rules=groups)
         if not grouping.groups:
             raise ValueError("no trainable parameters to probe")
         self.optimizer = optimizer
         self.layer_names = grouping.names
         self.params, index = group_members(grouping, named)
+        if gradients is not None and (gradients.layer_names != self.layer_names or len(gradients.params) != len(self.params)
+                                      or any(a is not b for a, b in zip(gradients.params, self.params))):
+            raise ValueError("gradients= must probe the same parameters in the same groups")
+        self.gradients = gradients
         self.device = self.params[0].device
         self._group_of = torch.tensor(index, device=self.device)
         self._numel = self._sum(self._tensor([p.numel() for p in self.params]), self._group_of)
@@ -119,7 +128,8 @@ class OptimizerStateProbe:
         self._buffer = torch.full((capacity, len(self.layer_names), len(COLUMNS)), math.nan,
                                   device=self.device)
         self._steps: list[int] = []
-        self._previous = [torch.empty_like(p) for p in self.params]
+        shared = gradients.snapshot if gradients is not None else None
+        self.snapshot = shared if shared is not None else UpdateSnapshot(self.params)
         self._plans: dict[tuple, _Plan] = {}
         self._pending: tuple | None = None  # (plan, per-tensor grad norms^2) from before_step
 
@@ -174,8 +184,11 @@ class OptimizerStateProbe:
         row = self._buffer[len(self._steps)]
         self._steps.append(int(step))
         plan = self._plan()
-        grads = [self.params[i].grad for i in plan.with_grad]
-        grad_sq = _norms(grads, 2).square() if grads else torch.zeros(0, device=self.device)
+        if self.gradients is not None:
+            grad_sq = self.gradients.gradient_sq_norms()[plan.with_grad]
+        else:
+            grads = [self.params[i].grad for i in plan.with_grad]
+            grad_sq = tensor_norms(grads, 2).square() if grads else torch.zeros(0, device=self.device)
 
         if plan.adam:  # v_hat = exp_avg_sq / (1 - beta2^t) as the previous step t left it
             corrections = {}
@@ -186,11 +199,8 @@ class OptimizerStateProbe:
                     corrections[id(group)] = 1 - group["betas"][1] ** t if group.get("bias_correction", True) else 1.0
             correction = [corrections[id(g)] for g in plan.adam_groups]
             v_hat = _sums(plan.adam_squares, nonnegative=True) / self._tensor(correction)
-            below = torch._foreach_sub(plan.adam_squares, [(SMALL_V * g["eps"]) ** 2 * c  # sqrt(v/c) < 10 eps
-                                                           for g, c in zip(plan.adam_groups, correction)])
-            torch._foreach_sign_(below)
-            torch._foreach_clamp_max_(below, 0.0)  # -1 where v is below, else 0
-            small = _norms(below, 2).square()  # the count of -1s (the L2 norm is the fast one)
+            small = _count_below(plan.adam_squares, [(SMALL_V * g["eps"]) ** 2 * c  # sqrt(v/c) < 10 eps
+                                                     for g, c in zip(plan.adam_groups, correction)])
             has_state = plan.adam_numel > 0
             nan = torch.full_like(plan.adam_numel, math.nan)
             row[:, 0] = torch.where(has_state, self._sum(grad_sq[plan.adam], plan.adam_index)
@@ -200,7 +210,7 @@ class OptimizerStateProbe:
         if plan.lars:  # timm's trust ratio of each tensor, from its weight and gradient norms
             ratios = []
             for g, members in plan.lars:
-                w_norm = _norms([self.params[plan.with_grad[j]] for j in members], 2)
+                w_norm = tensor_norms([self.params[plan.with_grad[j]] for j in members], 2)
                 adapts = g["weight_decay"] != 0 or g.get("always_adapt", False)
                 ratios.append(_lars_trust_ratio(w_norm, grad_sq[members].sqrt(), g["trust_coeff"], g["weight_decay"],
                                                 g["eps"], g["trust_clip"], g["lr"]) if adapts else torch.ones_like(w_norm))
@@ -208,7 +218,7 @@ class OptimizerStateProbe:
             row[:, 4] = torch.where(weight > 0, self._sum(torch.cat(ratios) * plan.lars_numel, plan.lars_index)
                                     / weight, torch.full_like(weight, math.nan))
 
-        torch._foreach_copy_(self._previous, self.params)
+        self.snapshot.take(step)
         self._pending = (plan, grad_sq)
 
     @torch.no_grad()
@@ -219,13 +229,12 @@ class OptimizerStateProbe:
         plan, grad_sq = self._pending
         self._pending = None
         row = self._buffer[len(self._steps) - 1]
-        torch._foreach_sub_(self._previous, self.params)  # = -(theta_t - theta_{t-1})
-        update = _norms(self._previous, 2)
+        update = self.snapshot.update()  # ||theta_t - theta_{t-1}|| per tensor
         lr = self._tensor([math.nan if g is None else float(g["lr"]) for g in plan.lr_groups])
         row[:, 2] = (self._sum((update / lr).square(), self._group_of) / self._numel).sqrt()
         if plan.with_grad:
-            dot = _sums(torch._foreach_mul([self._previous[i] for i in plan.with_grad],  # <-update, g>
-                                           [self.params[i].grad for i in plan.with_grad]))
+            dot = _sums(self.snapshot.multiply_update([self.params[i].grad for i in plan.with_grad],
+                                                      plan.with_grad))  # <-update, g>
             grad_norm = self._sum(grad_sq, plan.grad_index).sqrt()
             update_norm = self._sum(update.square(), self._group_of).sqrt()
             row[:, 3] = self._sum(dot, plan.grad_index) / (update_norm * grad_norm)
