@@ -47,7 +47,7 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     assert experiment_script("findings_tables").main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 44 + 8 and all(r.meta["status"] == "finished" for r in runs)  # rounds 1 and 2
+    assert len(runs) == 44 + 10 and all(r.meta["status"] == "finished" for r in runs)  # rounds 1 and 2
     # S5: the batch sizes side by side, each with its length in steps
     s5 = out[out.index("### S5"):].split("\n\n")[1].splitlines()
     assert [row.split("|")[1:6] for row in s5[2:]] == [
@@ -77,7 +77,9 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
     assert all(float(r[2]) > 0.7 and int(r[3]) < 50 and r[4] == "never" for r in cool)
     assert [r[5] for r in hot] == ["cls_token 96 (417×)", "none", "none"]
     assert "| r1_lr/base_lr=4e-3_seed0 | 3000 (finished) | 48.8 | 48.8 |" in out
-    assert "no spike events in any run" in out
+    assert "| r1_lr/base_lr=3.2e-2_seed0 | 3000 (finished) | 39.1 | 39.4 | 2.3 | 1 | 0 | cls_token 9.4× |" in out
+    precursors = out[out.index("r1_lr/base_lr=3.2e-2_seed0, 1 spike events:"):]
+    assert "| adam_freshness | 1 | 0 / 1 / 0 | +0 (+0 … +0) | 0.6 |" in precursors
     with pytest.raises(SystemExit) as exit_info:
         tables.main([str(tmp_path)])
     assert exit_info.value.code == 2 and "no collapse_tiny or r1_* sweep" in capsys.readouterr().err
