@@ -160,20 +160,28 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def run_threads(run: SweepRun, share: int) -> int:
+    """A run's CPU threads: its own `threads=N` override (N >= 1), else `share`."""
+    given = [o.split("=", 1)[1] for o in run.overrides if o.startswith("threads=")]
+    return int(given[-1]) if given and given[-1].isdigit() and int(given[-1]) > 0 else share
+
+
 def _run_all(runs: list[SweepRun], config: str | None, launcher: str, jobs: int) -> list[SweepRun]:
-    """Run `jobs` at a time (1 for torchrun), each with an equal share of the CPU threads."""
+    """Run `jobs` at a time (1 for torchrun), each with an equal share of the CPU threads
+    unless the sweep's overrides set `threads`."""
     jobs = 1 if launcher == "torchrun" else jobs
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    share = max(1, (os.cpu_count() or 1) // jobs)
     pending, active, failed = list(runs), [], []
     while pending or active:
         while pending and len(active) < jobs:
             run = pending.pop(0)
+            threads = run_threads(run, share)
             cmd = train_command(run, config, launcher)
             if launcher == "local":
                 cmd += [f"threads={threads}", "log.progress=false"]
             log = open(log_path(run), "a")
             print(f"start {run.name}")
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             active.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         time.sleep(0.5)
         for item in list(active):

@@ -77,10 +77,12 @@ def test_overrides_may_follow_options(tmp_path, capsys):
 @pytest.mark.slow
 def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path, capsys):
     out = tmp_path / "sweep"
-    args = ["sweep", "--grid", "model.patch_proj=learned,frozen", "--jobs", "2", "--out", str(out), *TINY]
+    # threads=3: the sweep's own share would be cores // jobs (1 on 2 cores), never over a given value
+    args = ["sweep", "--grid", "model.patch_proj=learned,frozen", "--jobs", "2", "--out", str(out), *TINY, "threads=3"]
     assert main(args) == 0
     runs = sl.load_runs(out)
     assert sorted(r.config_value("model.patch_proj") for r in runs) == ["frozen", "learned"]
+    assert [r.config_value("threads") for r in runs] == [3, 3]
     assert all(r.meta["status"] == "finished" for r in runs)
     printed = capsys.readouterr().out
     assert "patch_proj=frozen_seed0" in printed and "final_top1" in printed  # comparison table
