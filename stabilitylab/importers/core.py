@@ -1,7 +1,7 @@
 """Scalars logged by other tools -> a run directory: the tag conventions and the writing.
 
 Every reader produces one long frame of scalars (step, tag, value) in the order the tags
-first appear in the log, plus the run's config; `write_imported_run` maps tags to the
+first appear in the log (W&B keeps no such order: natural name order), plus the run's config; `write_imported_run` maps tags to the
 run-directory columns and writes them through `RunWriter`. Tag conventions mapped without
 options (`KNOWN_TAGS`):
 

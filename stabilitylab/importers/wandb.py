@@ -1,8 +1,15 @@
 """An offline W&B run folder -> scalars and config, read with the W&B SDK's own reader of
-its `.wandb` transaction log (wandb.sdk.internal.datastore): no server, no login."""
+its `.wandb` transaction log (wandb.sdk.internal.datastore): no server, no login.
+
+The SDK does not keep the order in which one step's metrics were logged (the same script
+writes them in a different order on every run), so a step's tags are read in natural name
+order (`layer2` before `layer10`): the layers of an import come in that order, the same on
+every import, and for names like `conv1`, `layer1.0`, ... that is the forward order.
+"""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -49,6 +56,11 @@ def _records(path: Path):
         yield record
 
 
+def _natural(tag: str) -> list:
+    """Sort key: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", tag)]
+
+
 def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
@@ -68,7 +80,7 @@ def read_wandb(folder) -> tuple[pd.DataFrame, dict]:
         elif kind == "history":
             values = {_key(i): json.loads(i.value_json) for i in record.history.item}
             step = values.get("_step")
-            for tag, value in values.items():
+            for tag, value in sorted(values.items(), key=lambda item: _natural(item[0])):
                 if tag.startswith("_") or isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue
                 if step is not None:
