@@ -94,7 +94,11 @@ def signal_onsets(events: pd.DataFrame, signals: dict[str, pd.DataFrame], *, rul
     where it moved first, the direction, the signal's first flagged step, and
     lead = step - onset_step (> 0: the signal came first).
     """
-    moves = signal_moves(signals, rule)
+    return _onsets(events, signal_moves(signals, rule), lookback)
+
+
+def _onsets(events: pd.DataFrame, moves: pd.DataFrame, lookback: int) -> pd.DataFrame:
+    """`signal_onsets` from the signals' moves (`signal_moves`)."""
     rows = []
     for event in events.itertuples(index=False):
         near = moves[(moves["step"] - event.step).abs() <= lookback]
@@ -112,8 +116,8 @@ def precursor_table(events: pd.DataFrame, signals: dict[str, pd.DataFrame], *, r
     would have moved near anyway, n_spikes x the share of all logged steps that have one of
     its moves within `lookback` steps. A signal that moves all the time is near every spike
     at the longest lead; only n_moved well above chance_moved says something."""
-    onsets = signal_onsets(events, signals, rule=rule, lookback=lookback)
     moves = signal_moves(signals, rule)
+    onsets = _onsets(events, moves, lookback)
     rows = []
     for signal, wide in signals.items():
         lead = onsets.loc[onsets["signal"] == signal, "lead"].to_numpy()
