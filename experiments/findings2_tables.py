@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import DEFAULT_RULE, find_spikes, peak_ratio, precursor_table, run_signals, summarize_run
+from analysis import DEFAULT_RULE, find_spikes, precursor_table, run_signals, summarize_run
 from stabilitylab.run import is_run_dir, load_runs
 
 ROUND1 = Path(__file__).with_name("findings_tables.py")
@@ -68,7 +68,7 @@ def r1_table(runs, round1) -> str:
         s = summarize_run(run, rule=rule)
         norms = run.grad_norms()
         ten_x = len(find_spikes(norms, round1.run_rule(run, "ratio:10")))
-        peaks = peak_ratio(norms, rule)
+        top = s["largest_excursions"][0]  # the largest value / running median of any layer
         attention = run.table("attention")
         lowest = largest = "—"
         if len(attention):
@@ -80,7 +80,7 @@ def r1_table(runs, round1) -> str:
         rows.append(f"| {run.path.parent.name}/{run.name} | {run.steps['step'].max() + 1} "
                     f"({run.meta.get('status')}) | {round1.pm(s['final_top1'], float('nan'), 100)} | "
                     f"{round1.pm(s['best_top1'], float('nan'), 100)} | {round1.drawdown_noise(run):.1f} | "
-                    f"{sum(s['spikes'].values())} | {ten_x} | {peaks.idxmax()} {peaks.max():.1f}× | {lowest} | {largest} |")
+                    f"{sum(s['spikes'].values())} | {ten_x} | {top['layer']} {top['ratio']:.1f}× | {lowest} | {largest} |")
     return "\n".join(rows)
 
 
