@@ -207,6 +207,7 @@ class TrainConfig:
     max_spike_skips: int = 10  # on_spike=skip: consecutive skipped updates before the run stops
     compile: bool = False  # torch.compile the forward (worth it on a GPU; minutes of warm-up on a CPU)
     threads: Optional[int] = None  # torch CPU threads; None: on a CPU the cores data workers leave free
+    keep_heap: bool = True  # on a CPU, glibc keeps freed step memory instead of page-faulting it back every step
     model: ModelConfig = field(default_factory=ModelConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

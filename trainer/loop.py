@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import math
 import os
 import random
@@ -94,6 +96,24 @@ def cpu_threads(num_workers: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) - num_workers)
 
 
+# glibc mallopt parameters (malloc.h) and the values keep_freed_memory sets
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+KEEP_HEAP = {M_MMAP_THRESHOLD: 64 << 20, M_TRIM_THRESHOLD: 256 << 20, M_TOP_PAD: 64 << 20}
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep the memory a CPU step frees (`keep_heap`): by default it
+    returns the step's large activation buffers to the kernel and page-faults them back in on
+    the next step, about 15% of a CPU step's time (docs/benchmarks.md). Buffers up to 64 MiB
+    come from the heap, which keeps up to 256 MiB free at its top. Process-wide and inherited
+    by forked data workers; False where the C library has no mallopt (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in KEEP_HEAP.items())
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -143,6 +163,8 @@ class Trainer:
         threads = cfg.threads or (cpu_threads(cfg.data.num_workers) if self.device.type == "cpu" else None)
         if threads:
             torch.set_num_threads(threads)
+        if cfg.keep_heap and self.device.type == "cpu":
+            keep_freed_memory()
         self.precision = pick_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
