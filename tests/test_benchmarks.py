@@ -26,6 +26,7 @@ COMMANDS = {
     "analysis": [sys.executable, str(BENCH / "bench_analysis.py"), "--quick"],
     "monitor": [sys.executable, str(BENCH / "bench_monitor.py"), "--quick"],
     "detectors": [sys.executable, str(BENCH / "bench_detectors.py"), "--quick"],
+    "heap": [sys.executable, str(BENCH / "bench_heap.py"), "--quick"],
 }
 
 
@@ -172,6 +173,14 @@ def test_bench_monitor_quick(runs):
     measured, goal, status = one(results(text), "7 Monitor overhead on/off")
     assert 0.2 < number(measured) < 5 and goal == "<= 1.03" and status == "info"
     assert "ratio on/off median" in text
+
+
+def test_bench_heap_quick(runs):
+    text = finished(runs, "heap")
+    measured, _, status = one(results(text), "6 keep_heap: step time off / on (cpu time)")
+    assert 0.2 < number(measured) < 5 and status == "info"
+    faults = {arm: float(n) for arm, n in re.findall(r"keep_heap=(on|off) .* (\d+) page faults a step", text)}
+    assert faults["on"] < faults["off"] / 10, faults  # the setting reached the child process
 
 
 def test_bench_detectors_quick(runs):

@@ -12,7 +12,7 @@ from torch import nn
 import stabilitylab as sl
 from stabilitylab.plots_probes import optimizer_state_figure, optimizer_state_section
 from trainer.probes import GradientProbe, layer_groups
-from trainer.probes_optim import COLUMNS, SMALL_V, OptimizerStateProbe
+from trainer.probes_optim import COLUMNS, SMALL_V, OptimizerStateProbe, _count_below
 
 
 class Tiny(nn.Module):
@@ -205,3 +205,14 @@ def test_a_run_logs_optimizer_state_and_the_switch_turns_it_off(tmp_path):
     assert optimizer_state_figure(off) is None
     sample = sl.load_run(Path(__file__).parents[1] / "data_samples" / "runs" / "learned_lr1e-2")
     assert optimizer_state_section(sample) is None  # a run from before the probe
+
+
+def test_small_v_counts_skip_only_the_tensors_with_nothing_below():
+    """The CPU count looks only into tensors whose minimum is below their limit: tensors with
+    none, some and all entries below, against a plain count."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.rand(50, generator=g) + 1, torch.rand(7, 3, generator=g), torch.rand(40, generator=g) * 1e-3]
+    limits = [0.5, 0.5, 1.0]
+    expected = [int((t < limit).sum()) for t, limit in zip(tensors, limits)]
+    assert expected[0] == 0 and 0 < expected[1] < 21 and expected[2] == 40
+    assert _count_below(tensors, limits).tolist() == expected

@@ -66,13 +66,18 @@ def _sums(tensors: list[torch.Tensor], *, nonnegative: bool = False) -> torch.Te
 
 
 def _count_below(tensors: list[torch.Tensor], limits: list[float]) -> torch.Tensor:
-    """Per-tensor counts of the entries below their limit, as one float32 vector. On the CPU a
-    loop of compare and count: one pass and a bool temporary each (in a CPU-preset step 1.26
-    against 1.5 ms for the fused form's four float passes over a weights-sized temporary);
-    elsewhere fused: the L2 norm of -1 where below, else 0, rounded (its square is the count
-    up to rounding)."""
+    """Per-tensor counts of the entries below their limit, as one float32 vector. On the CPU
+    each tensor's minimum first (one fast reduction pass), then compare-and-count only in the
+    tensors that have an entry below (in practice a few small biases that get no gradient):
+    0.2 instead of 1.7 ms for the CPU preset's 1.3 M entries; the host sync is free there.
+    Elsewhere fused and sync-free: the L2 norm of -1 where below, else 0, rounded (its square
+    is the count up to rounding)."""
     if tensors[0].device.type == "cpu":
-        return torch.stack([torch.count_nonzero(t < limit) for t, limit in zip(tensors, limits)]).float()
+        counts = torch.zeros(len(tensors))
+        below = torch.stack([t.amin() for t in tensors]) < torch.tensor(limits, dtype=tensors[0].dtype)
+        for i in below.nonzero().flatten().tolist():
+            counts[i] = torch.count_nonzero(tensors[i] < limits[i])
+        return counts
     below = torch._foreach_sub(tensors, limits)
     torch._foreach_sign_(below)
     torch._foreach_clamp_max_(below, 0.0)
