@@ -20,6 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import DEFAULT_RULE, find_spikes, precursor_table, run_signals, summarize_run
+from analysis.layers import first_layer, last_block
+from stabilitylab.plots_probes import replay_comparisons
 from stabilitylab.run import is_run_dir, load_runs
 
 ROUND1 = Path(__file__).with_name("findings_tables.py")
@@ -102,6 +104,34 @@ def precursors(runs, round1) -> str:
     return "\n\n".join(out) or "no spike events in any run"
 
 
+def replay_tables(runs, round1) -> str:
+    """Per replayed window (`stabilitylab replay`) of every run: for the original, the unchanged
+    replay and each mitigation, the spike events in the window, the largest value / running
+    median of any layer there and of the first layer and the last block, and the fresh-bank
+    kNN at the evaluations from the first replayed step to the window's end."""
+    out = []
+    for run in runs:
+        rule = round1.run_rule(run, str(DEFAULT_RULE))
+        for c in replay_comparisons(run, rule=rule):
+            layer_columns = c.ratios.columns.drop("spikes")
+            first, last = first_layer(run.meta), last_block(run.meta, layer_columns)
+            knn = c.knn[c.knn["source"] == "val"].pivot_table(index="replay", columns="step", values="top1")
+            rows = [f"{run.path.parent.name}/{run.name}, steps {c.window[0]}–{c.window[1]} "
+                    f"(replayed from step {c.start}):", "",
+                    f"| run | spike events | largest ratio | {first} | {last} | "
+                    + " | ".join(f"kNN % at {step}" for step in knn.columns) + " |",
+                    "|---|" + "---|" * (4 + len(knn.columns))]
+            first_rows = [n for n in ("original", "unchanged replay") if n in c.ratios.index]
+            for name, ratios in c.ratios.loc[first_rows + [n for n in c.ratios.index if n not in first_rows]].iterrows():
+                layers = ratios.drop("spikes").astype(float)
+                times = lambda layer: "—" if pd.isna(layers.get(layer)) else f"{layers[layer]:.1f}×"
+                rows.append(f"| {name} | {ratios['spikes']:.0f} | {layers.idxmax()} {layers.max():.1f}× | "
+                            f"{times(first)} | {times(last)} | "
+                            + " | ".join(f"{100 * v:.1f}" for v in knn.loc[name]) + " |")
+            out.append("\n".join(rows))
+    return "\n\n".join(out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default="runs/findings2")
@@ -121,6 +151,8 @@ def main(argv=None) -> int:
         runs = load_runs(list(sweeps.values()))
         print(f"### R1: long horizon, one row per run\n\n{r1_table(runs, round1)}\n")
         print(f"### R1: which signal moved first (lookback 50 steps)\n\n{precursors(runs, round1)}")
+        if replays := replay_tables(runs, round1):
+            print(f"\n### R1: the spikes replayed with each mitigation\n\n{replays}")
     return 0
 
 

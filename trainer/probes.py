@@ -86,6 +86,14 @@ class UpdateSnapshot:
         return self._norms
 
     @torch.no_grad()
+    def negated_update(self, positions: list[int]) -> list[torch.Tensor]:
+        """-(theta_t - theta_{t-1}) of the tensors at `positions`, to read, not to modify."""
+        self.update()
+        if self._spent:
+            raise RuntimeError("UpdateSnapshot.negated_update() after multiply_update() spent the copy")
+        return [self._previous[i] for i in positions]
+
+    @torch.no_grad()
     def multiply_update(self, others: list[torch.Tensor], positions: list[int]) -> list[torch.Tensor]:
         """-(theta_t - theta_{t-1}) * other for the tensors at `positions`, elementwise, made in
         the copy's own memory (no temporary the size of the weights). That spends the copy:

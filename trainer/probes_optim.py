@@ -84,6 +84,16 @@ def _count_below(tensors: list[torch.Tensor], limits: list[float]) -> torch.Tens
     return tensor_norms(below, 2).square().round()
 
 
+def _dots_with_update(snapshot: UpdateSnapshot, others: list[torch.Tensor], positions: list[int]) -> torch.Tensor:
+    """Per-tensor <-(theta_t - theta_{t-1}), other> as one float32 vector. On the CPU one vdot
+    per tensor: a single read pass that writes nothing (0.4 against 0.7 ms for the CPU preset's
+    1.3 M entries); elsewhere fused products made in the copy's memory, then fused sums."""
+    if others[0].device.type == "cpu":
+        return torch.stack([torch.vdot(u.reshape(-1).float(), g.reshape(-1).float())
+                            for u, g in zip(snapshot.negated_update(positions), others)])
+    return _sums(snapshot.multiply_update(others, positions))
+
+
 @dataclass
 class _Plan:
     """Which probed tensors have a gradient, an optimizer group, Adam or LARS state, with their
@@ -238,8 +248,8 @@ class OptimizerStateProbe:
         lr = self._tensor([math.nan if g is None else float(g["lr"]) for g in plan.lr_groups])
         row[:, 2] = (self._sum((update / lr).square(), self._group_of) / self._numel).sqrt()
         if plan.with_grad:
-            dot = _sums(self.snapshot.multiply_update([self.params[i].grad for i in plan.with_grad],
-                                                      plan.with_grad))  # <-update, g>
+            dot = _dots_with_update(self.snapshot, [self.params[i].grad for i in plan.with_grad],
+                                    plan.with_grad)  # <-update, g>
             grad_norm = self._sum(grad_sq, plan.grad_index).sqrt()
             update_norm = self._sum(update.square(), self._group_of).sqrt()
             row[:, 3] = self._sum(dot, plan.grad_index) / (update_norm * grad_norm)
