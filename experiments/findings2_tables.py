@@ -115,7 +115,8 @@ def replay_tables(runs, round1) -> str:
         for c in replay_comparisons(run, rule=rule):
             layer_columns = c.ratios.columns.drop("spikes")
             first, last = first_layer(run.meta), last_block(run.meta, layer_columns)
-            knn = c.knn[c.knn["source"] == "val"].pivot_table(index="replay", columns="step", values="top1")
+            knn = (c.knn[c.knn["source"] == "val"].pivot_table(index="replay", columns="step", values="top1")
+                   .reindex(c.ratios.index))  # a replay still running may have no evaluation yet
             rows = [f"{run.path.parent.name}/{run.name}, steps {c.window[0]}–{c.window[1]} "
                     f"(replayed from step {c.start}):", "",
                     f"| run | spike events | largest ratio | {first} | {last} | "
@@ -125,9 +126,10 @@ def replay_tables(runs, round1) -> str:
             for name, ratios in c.ratios.loc[first_rows + [n for n in c.ratios.index if n not in first_rows]].iterrows():
                 layers = ratios.drop("spikes").astype(float)
                 times = lambda layer: "—" if pd.isna(layers.get(layer)) else f"{layers[layer]:.1f}×"
-                rows.append(f"| {name} | {ratios['spikes']:.0f} | {layers.idxmax()} {layers.max():.1f}× | "
+                largest = "—" if layers.isna().all() else f"{layers.idxmax()} {layers.max():.1f}×"
+                rows.append(f"| {name} | {ratios['spikes']:.0f} | {largest} | "
                             f"{times(first)} | {times(last)} | "
-                            + " | ".join(f"{100 * v:.1f}" for v in knn.loc[name]) + " |")
+                            + " | ".join("—" if pd.isna(v) else f"{100 * v:.1f}" for v in knn.loc[name]) + " |")
             out.append("\n".join(rows))
     return "\n\n".join(out)
 

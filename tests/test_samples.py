@@ -47,7 +47,7 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     assert experiment_script("findings_tables").main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 44 + 10 and all(r.meta["status"] == "finished" for r in runs)  # rounds 1 and 2
+    assert len(runs) == 44 + 12 and all(r.meta["status"] == "finished" for r in runs)  # rounds 1 and 2
     # S5: the batch sizes side by side, each with its length in steps
     s5 = out[out.index("### S5"):].split("\n\n")[1].splitlines()
     assert [row.split("|")[1:6] for row in s5[2:]] == [
@@ -80,6 +80,14 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
     assert "| r1_lr/base_lr=3.2e-2_seed0 | 3000 (finished) | 39.1 | 39.4 | 2.3 | 1 | 0 | cls_token 9.4× |" in out
     precursors = out[out.index("r1_lr/base_lr=3.2e-2_seed0, 1 spike events:"):]
     assert "| adam_freshness | 1 | 0 / 1 / 0 | +0 (+0 … +0) | 0.6 |" in precursors
+    assert "| r1_lr_hot/base_lr=1.28e-1_seed0 | 3000 (finished) | 14.5 | 31.5 |" in out
+    # the storm's window replayed: unchanged = the original bit for bit; the lower lr removes it
+    replays = out[out.index("r1_lr_hot/base_lr=1.28e-1_seed0, steps 1100–1299 (replayed from step 1000):"):]
+    replays = replays[:replays.index("\n\n", replays.index("| original"))]
+    original = "| 30 | cls_token 53.7× | 27.2× | 10.5× | 30.3 | 30.3 | 22.1 |"
+    assert f"| original {original}" in replays and f"| unchanged replay {original}" in replays
+    assert "| optim.base_lr=6.4e-2 | 0 | cls_token 5.4× | 3.4× | 3.3× | 30.9 | 31.9 | 31.4 |" in replays
+    assert "| optim.weight_decay=0.099 | 1 | cls_token 35.6× |" in replays  # the placebo
     with pytest.raises(SystemExit) as exit_info:
         tables.main([str(tmp_path)])
     assert exit_info.value.code == 2 and "no collapse_tiny or r1_* sweep" in capsys.readouterr().err
