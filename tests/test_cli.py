@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -244,3 +245,17 @@ def test_default_yaml_spells_out_the_built_in_defaults():
     from stabilitylab.config import load_config
 
     assert asdict(load_config("default", [])) == asdict(load_config(None, []))
+
+
+def test_every_preset_loads_and_cpu_unstable_is_cpu_edge_at_its_hot_lr():
+    """Each configs/*.yaml loads by name; cpu_unstable.yaml (docs/findings.md, "R1, hotter")
+    differs from cpu_edge.yaml only in the peak lr and the length."""
+    from dataclasses import asdict
+
+    from stabilitylab.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for preset in sorted(root.glob("*.yaml")):
+        load_config(preset.stem, [])
+    edge = asdict(load_config("cpu_edge", ["optim.base_lr=1.28e-1", "optim.max_steps=1600"]))
+    assert asdict(load_config("cpu_unstable", [])) == edge
