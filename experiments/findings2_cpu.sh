@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/findings2}"
-edge="${EDGE:-3.2e-2}"   # the R1 edge lr: set it from R1's table before the stages below it
+edge="${EDGE:-6.4e-2}"   # the R1 edge lr (docs/findings.md: learns slowly, first spikes)
 C=(--config cpu_edge --jobs 2)
 
 # Collapse: the tiny preset (the CPU default) at a cool and a hot lr for 4 epochs (156
@@ -18,8 +18,14 @@ C=(--config cpu_edge --jobs 2)
 stabilitylab sweep --out "$out/collapse_tiny" --grid optim.base_lr=1e-2,1e-1 --seeds 3 --jobs 2 optim.epochs=4
 # R1: the peak lr, one seed each (4e-3 is the smooth scouting run of the issue)
 stabilitylab sweep --out "$out/r1_lr" --grid optim.base_lr=4e-3,8e-3,1.6e-2,3.2e-2 --seeds 1 "${C[@]}"
-# R1, hotter: if nothing above spikes, the edge is higher still
-stabilitylab sweep --out "$out/r1_lr_hot" --grid optim.base_lr=6.4e-2,1.28e-1 --seeds 1 "${C[@]}"
+# R1, hotter: 6.4e-2 learns slowly with late spikes, 1.28e-1 stalls then breaks (seed 0 of
+# each committed); the second seeds
+stabilitylab sweep --out "$out/r1_lr_hot" --grid optim.base_lr=1.28e-1,6.4e-2 --seeds 2 "${C[@]}"
+# their spikes replayed with each mitigation and a placebo (weight decay 0.1 -> 0.099)
+stabilitylab replay "$out/r1_lr_hot/base_lr=6.4e-2_seed0" --at 2600 --steps 200 --with model.patch_proj=frozen \
+    --with "optim.betas=[0.9,0.95]" --with optim.base_lr=3.2e-2 --with optim.weight_decay=0.099
+stabilitylab replay "$out/r1_lr_hot/base_lr=1.28e-1_seed0" --at 1100 --steps 200 --with model.patch_proj=frozen \
+    --with "optim.betas=[0.9,0.95]" --with optim.base_lr=6.4e-2 --with optim.weight_decay=0.099
 # R1 at the edge: seeds, and the controls (frozen projection, beta2 0.95, no warmup)
 stabilitylab sweep --out "$out/r1_edge" --grid model.patch_proj=learned,frozen --seeds 2 \
     optim.base_lr="$edge" "${C[@]}"
