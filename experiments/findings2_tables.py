@@ -122,8 +122,7 @@ def replay_tables(runs, round1) -> str:
                     f"| run | spike events | largest ratio | {first} | {last} | "
                     + " | ".join(f"kNN % at {step}" for step in knn.columns) + " |",
                     "|---|" + "---|" * (4 + len(knn.columns))]
-            first_rows = [n for n in ("original", "unchanged replay") if n in c.ratios.index]
-            for name, ratios in c.ratios.loc[first_rows + [n for n in c.ratios.index if n not in first_rows]].iterrows():
+            for name, ratios in c.ratios.iterrows():
                 layers = ratios.drop("spikes").astype(float)
                 times = lambda layer: "—" if pd.isna(layers.get(layer)) else f"{layers[layer]:.1f}×"
                 largest = "—" if layers.isna().all() else f"{layers.idxmax()} {layers.max():.1f}×"

@@ -197,6 +197,8 @@ def replay_comparisons(run, replays=None, *, rule=None) -> list[ReplayComparison
             windows.setdefault((info["at"], info["steps"]), []).append(replay)
     out = []
     for (at, steps), members in sorted(windows.items()):
+        # the unchanged replay right after the original: it tells whether the window reproduces
+        members = sorted(members, key=lambda r: _label(r) != "unchanged replay")
         window = (at, at + steps - 1)
         start = min(r.meta["replay"]["from_step"] for r in members) + 1
         ratios, knn = {}, []

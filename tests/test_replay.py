@@ -97,7 +97,7 @@ def test_replay_section_compares_each_replay_on_the_original_baseline(replayed):
     [comparison] = replay_comparisons(original, rule="ratio:10,window=4,warmup=2")
     assert (comparison.at, comparison.window, comparison.start) == (6, (6, 9), 4)
     ratios = comparison.ratios
-    assert list(ratios.index) == ["original", "model.patch_proj=frozen", "unchanged replay"]
+    assert list(ratios.index) == ["original", "unchanged replay", "model.patch_proj=frozen"]  # unchanged first: does the window reproduce?
     pd.testing.assert_series_equal(ratios.loc["unchanged replay"], ratios.loc["original"], check_names=False)
     assert np.isnan(ratios.at["model.patch_proj=frozen", "patch_embed"])
     # the original's ratio by hand: each value over the upper median of the 4 before it
