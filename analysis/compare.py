@@ -35,10 +35,19 @@ def config_table(runs) -> pd.DataFrame:
     return pd.json_normalize([run.config or {} for run in runs], sep=".")
 
 
+# Config keys that say how a run was executed or logged, not what it trained: two seeds of
+# one setting, one launched with a progress bar or a newer trainer's heap setting, stay one
+# setting. Ask for one explicitly (compare_runs(by=...), setting_labels(keys=...)) to see it.
+RUNTIME_KEYS = frozenset({
+    "threads", "keep_heap", "log.progress", "log.flush_every_steps", "log.flush_every_s",
+    "checkpoint.every_steps", "checkpoint.keep", "checkpoint.keep_spikes", "data.num_workers", "data.cache_dir"})
+
+
 def varied_keys(config: pd.DataFrame, *, exclude=()) -> list[str]:
     """The columns of a `config_table` whose value differs between the runs (compared as
-    text, so lists and None count), minus `exclude`."""
-    return [c for c in config.columns if c not in exclude and config[c].astype(str).nunique() > 1]
+    text, so lists and None count), minus `exclude` and the `RUNTIME_KEYS`."""
+    return [c for c in config.columns
+            if c not in exclude and c not in RUNTIME_KEYS and config[c].astype(str).nunique() > 1]
 
 
 def compare_runs(runs, *, by=None, **summary_kwargs) -> pd.DataFrame:

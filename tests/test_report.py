@@ -415,6 +415,24 @@ def test_seed_band_labels_can_name_chosen_keys(tmp_path):
         setting_labels(runs, keys=["optim.batch_sise"])
 
 
+def test_keys_of_how_a_run_ran_do_not_split_a_setting(tmp_path):
+    """Two seeds, one launched with a progress bar and a newer trainer's heap setting (as the
+    committed r1_lr_hot seeds are): one setting, unless the key is asked for."""
+    from stabilitylab.figures import setting_labels
+
+    config = bench.synthetic_config(base_lr=1e-3)
+    dirs = [bench.write_synthetic_run(tmp_path / "s0", 200, 3, seed=0, config={
+                **config, "seed": 0, "threads": 1, "log": {"progress": False}}),
+            bench.write_synthetic_run(tmp_path / "s1", 200, 3, seed=1, config={
+                **config, "seed": 1, "threads": 2, "keep_heap": True, "log": {"progress": True}})]
+    runs = sl.load_runs(dirs)
+    assert setting_labels(runs) == ["all", "all"]
+    assert setting_labels(runs, keys=["log.progress"]) == ["progress=False", "progress=True"]
+    assert "log.progress" not in sl.concat_runs(runs, "knn").columns
+    hot = sl.load_runs(SAMPLES / "findings" / "r1_lr_hot")
+    assert setting_labels(hot) == ["base_lr=0.128", "base_lr=0.128", "base_lr=0.064"]
+
+
 def test_a_sweep_concatenates_into_one_frame_with_its_settings(grid_dirs):
     runs = sl.load_runs(grid_dirs)
     knn = sl.concat_runs(runs, "knn")
