@@ -13,54 +13,68 @@ HERE = Path(__file__).resolve().parent
 
 CELLS = [
     new_markdown_cell(
-        "# Analysing MoCo v3 stability runs\n\n"
-        "`data_samples/runs/findings/` holds the 44 committed runs behind `docs/findings.md` (tiny ViT, "
-        "CIFAR-10 sample, CPU). This notebook looks at the spikiest of them, batch 512 at base lr 1e-1 "
-        "(peak lr 2e-1), seed 0: its patch projection reaches 99x its running median. It counts its "
-        "gradient spikes under two spike rules, draws the paper's Figure 4 (first layer vs last "
-        "transformer block), asks whether the first layer's spikes lead, looks at the one kNN dip of "
-        "the committed runs, and puts the three seeds side by side."),
+        "# Analysing a real instability\n\n"
+        "`configs/cpu_unstable.yaml` trains a small ViT (width 64, depth 8, batch 256, AdamW, constant peak lr "
+        "1.28e-1 after 300 warm-up steps) with MoCo v3 on the full CIFAR-10 training split. On one CPU core it "
+        "breaks in 2 of 2 seeds: the representation collapses early, then a storm of >=10x gradient spikes "
+        "spreads through the network and the fresh-bank kNN falls without recovering (docs/findings.md, "
+        "\"R1, hotter\"). `data_samples/runs/findings/r1_lr_hot/` holds both seeds, 3,000 steps each (the preset "
+        "stops at 1,600, once the fall is over), and the cooler 6.4e-2 run beside them. This notebook finds "
+        "the fall, counts the spikes under the one spike rule, asks which layer spiked first and whether the "
+        "patch projection leads (the paper's claim), looks at the attention logits, and reads the replays of "
+        "the storm's window with each mitigation."),
     new_code_cell(
         "%matplotlib inline\n"
         "from pathlib import Path\n\n"
+        "import matplotlib.pyplot as plt\n"
         "import pandas as pd\n\n"
         "import stabilitylab as sl\n"
         "from analysis import (DEFAULT_RULE, SpikeRule, compare_runs, display_table, find_knn_dips, find_spikes,\n"
-        "                      seed_spread, spike_lead_lag)\n"
-        "from stabilitylab import figures\n\n"
+        "                      spike_lead_lag)\n"
+        "from stabilitylab import figures\n"
+        "from stabilitylab.plots_probes import replay_comparisons\n\n"
         "root = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / 'data_samples' / 'runs').is_dir())\n"
-        "findings = root / 'data_samples' / 'runs' / 'findings'\n"
-        "sweep = sl.load_runs(findings / 'batch512_long_lr1e-1')\n"
-        "run = sweep[0]\n"
+        "sweep = sl.load_runs(root / 'data_samples' / 'runs' / 'findings' / 'r1_lr_hot')\n"
+        "hot = [run for run in sweep if run.config_value('optim.base_lr') == 1.28e-1]\n"
+        "run = hot[0]\n"
         "norms = run.grad_norms()  # wide: one column per layer group, in model order\n"
         "print(run.name, run.meta['status'], len(run.steps), 'steps;', ', '.join(norms.columns))"),
     new_markdown_cell(
-        "## Spikes under a named rule\n\n"
+        "## The kNN curve and its fall\n\n"
+        "Two kNN monitors: the queue kNN every 50 steps (2,000 held-out queries against the MoCo queue) and the "
+        "fresh-bank kNN every 100 steps (`val`: 10,000 training images embedded anew, 5,000 held-out queries). "
+        "A dip is measured in units of each evaluation's binomial noise, and confirmed, or not, by the other "
+        "source."),
+    new_code_cell(
+        "dips = pd.concat({r.name: find_knn_dips(r.knn) for r in hot}, names=['run', 'dip']).query(\"source == 'val'\")\n"
+        "display(figures.knn_plot(hot, {name: d for name, d in dips.groupby('run')}))  # the fresh-bank dips shaded\n"
+        "dips[['start_step', 'bottom_step', 'depth', 'depth_noise', 'recovered', 'confirmed']]"),
+    new_markdown_cell(
+        "The fresh-bank top-1 stalls near 30% for 1,000 steps, then falls to 14-17% and stays there: a "
+        "26-noise-unit fall in each seed, not the paper's dip (a dip recovers). The early queue \"dips\" are the "
+        "queue refilling with collapsed features.\n\n"
+        "## Spikes under the one rule\n\n"
         "A spike is whatever one `SpikeRule` says (docs/analysis.md). The default, `mad:6+ratio:3|ratio:10`, "
         "takes a value at least 6 robust sigmas and 3x above its causal running median, or any value 10x "
-        "above it; `ratio:10` keeps only the paper-style 10x excursions. The findings page skips the first "
-        "6,400 images of a run, 13 steps at batch 512: `,warmup=13`."),
+        "above it; `ratio:10` keeps only the paper-style 10x excursions. Both skip a layer's first 50 values."),
     new_code_cell(
-        "rules = {'default': SpikeRule.parse(f'{DEFAULT_RULE},warmup=13'), '>= 10x': SpikeRule.parse('ratio:10,warmup=13')}\n"
+        "rules = {'default': SpikeRule.parse(DEFAULT_RULE), '>= 10x': SpikeRule.parse('ratio:10')}\n"
         "events = {name: find_spikes(norms, rule) for name, rule in rules.items()}\n"
         "pd.DataFrame({name: e.groupby('layer', observed=False).size() for name, e in events.items()})"),
     new_markdown_cell(
-        "Every event has its ratio over the causal running median of the 100 values before it, the "
-        "same number every surface (analyze, compare, the report, its figures) shows. The largest:"),
+        "## Where the storm starts\n\n"
+        "The paper sees spikes appear first in the patch projection and reach the last layers a few "
+        "iterations later. Here is the first >=10x event of each layer, in both seeds:"),
     new_code_cell(
-        "events['default'].nlargest(5, 'ratio')[['layer', 'step', 'end_step', 'value', 'baseline', 'ratio']]"),
+        "onsets = pd.DataFrame({r.name: find_spikes(r.grad_norms(), rules['>= 10x']).groupby('layer', observed=True)\n"
+        "                       ['step'].min() for r in hot})\n"
+        "onsets.sort_values(run.name).astype('Int64')"),
     new_markdown_cell(
-        "## First layer vs last transformer block (the paper's Figure 4)\n\n"
-        "Each norm over its running median, with the default rule's events of both layers marked. The "
-        "\"last layer\" of every verdict is the last transformer block, `blocks.3` here, not the "
-        "`predictor` head."),
-    new_code_cell(
-        "fig = figures.first_last_plot(norms, run.name)\n"
-        "ax = fig.axes[0]\n"
-        "for line, layer in zip(ax.get_lines(), ['patch_embed', 'blocks.3']):\n"
-        "    e = events['default'][events['default']['layer'] == layer]\n"
-        "    ax.plot(e['peak_step'], e['ratio'], 'v', color=line.get_color(), ms=6)\n"
-        "fig"),
+        "The storm begins in the class token and the middle blocks; the patch projection joins 100-400 steps "
+        "later (seed 1's class token has one isolated early event at step 296). Figure 4 of the paper, the "
+        "first layer against the last transformer block, each over its running median with the default rule's "
+        "events marked:"),
+    new_code_cell("figures.first_last_plot(norms, run.name)"),
     new_markdown_cell(
         "## Do first-layer spikes lead?\n\n"
         "Two questions, two p-values: *association* (do last-block spikes come within `max_lag` steps of "
@@ -74,27 +88,38 @@ CELLS = [
         "lead.per_layer.set_index('layer')[['n_first_events', 'n_layer_events', 'n_matched', 'n_first_leads',\n"
         "                                   'n_first_follows', 'median_lag', 'association_p', 'direction_p']]"),
     new_markdown_cell(
-        "## kNN curve and its dips\n\n"
-        "No committed run dips beyond 5 evaluation-noise units and recovers; the one dip the rule finds is "
-        "batch 1024 at base lr 1e-2, seed 1, which falls from its first fresh-bank evaluation and never "
-        "comes back. Dips are measured against the binomial noise of each evaluation; with both `queue` "
-        "and `val` rows each dip is confirmed, or not, by the other source."),
+        "## The attention logits\n\n"
+        "The attention probe logs each block's largest pre-softmax logit every 10 steps (docs/probes.md). "
+        "Attention-entropy collapse, one of the later mechanisms, shows as a growing max logit. In the storm "
+        "the logits of most blocks grow from ~5 to 10^3-10^5 (the first block's to 5x10^5 by step 2,500), while "
+        "others fall to or below 0 (a symmetric log axis, linear within +-1):"),
     new_code_cell(
-        "slide = sl.load_run(findings / 'batch_lr1e-2' / 'batch_size=1024_seed1')\n"
-        "dips = find_knn_dips(slide.knn)\n"
-        "display(figures.knn_plot([slide], {slide.name: dips}))\n"
-        "dips[['source', 'start_step', 'bottom_step', 'end_step', 'depth', 'depth_noise', 'recovered', 'confirmed']]"),
+        "max_logit = run.table('attention').pivot_table(index='step', columns='layer', values='max_logit', observed=True)\n"
+        "fig, ax = plt.subplots(figsize=(7, 3.2))\n"
+        "max_logit[['blocks.0', 'blocks.2', 'blocks.4', 'blocks.7']].plot(ax=ax, lw=1)\n"
+        "ax.set_yscale('symlog', linthresh=1)\n"
+        "ax.legend(ncol=4, fontsize=7)\n"
+        "ax.set(xlabel='step', ylabel='max attention logit', title=run.name)\n"
+        "plt.show()\n"
+        "max_logit.loc[[0, 1000, 1200, 1500, 2500], ['blocks.0', 'blocks.2', 'blocks.4', 'blocks.7']].round(1)"),
     new_markdown_cell(
-        "## The seeds side by side\n\n"
+        "## Mitigations, causally: the storm's window replayed\n\n"
+        "`stabilitylab replay` reran steps 1,001-1,299 from the step-1,000 checkpoint, unchanged and once per "
+        "change: a frozen patch projection, Adam beta2 0.95, half the lr, and a placebo (weight decay 0.1 -> "
+        "0.099). Per replay: the largest gradient norm over its running median in steps 1,100-1,299 per layer, "
+        "and the spike events there. The unchanged replay is the original bit for bit; every change, the "
+        "placebo too, moves the storm, and only half the lr keeps every layer under 10x."),
+    new_code_cell(
+        "[window] = replay_comparisons(run, rule=rules['default'])\n"
+        "window.ratios[['spikes', 'patch_embed', 'cls_token', 'blocks.0', 'blocks.4', 'blocks.7']].round(1)"),
+    new_markdown_cell(
+        "## The runs side by side\n\n"
         "`compare_runs` gives one row per run (fractions); `display_table` shows it as `stabilitylab "
         "compare` does: top-1 and dip depth in percent, roughness in points, spike counts under the rule."),
     new_code_cell(
         "table = compare_runs(sweep, rule=rules['>= 10x'])\n"
         "display_table(table)[['run', 'final_top1', 'best_top1', 'n_dips', 'roughness', 'n_first_layer_spikes',\n"
         "                      'n_spikes', 'first_peak_ratio', 'last_peak_ratio']]"),
-    new_code_cell(
-        "display_table(seed_spread(table))[['n_seeds', 'final_top1_mean', 'final_top1_std', 'n_spikes_mean',\n"
-        "                                   'n_spikes_std', 'first_peak_ratio_mean']]"),
 ]
 
 
