@@ -99,9 +99,12 @@ def _side_by_side(table: pd.DataFrame, layers: list[str], rows, title: str, spik
                                          hovertemplate=f"{label(layer)}, step %{{x}}<br>{label(column)} %{{y:.3g}}"
                                                        "<extra></extra>"),
                               row=r, col=c)
-            ticks = log_ticks(np.concatenate(shown)) if log and shown else dict(tickformat="~g")  # no "200µ"
+            values = np.concatenate(shown) if shown else np.array([])
+            ticks = log_ticks(values) if log and shown else dict(tickformat="~g")  # no "200µ"
+            # a share or an entropy that stays at 0 gets the axis 0..1, not plotly's -1..1
+            nonnegative = not log and len(values) and np.nanmin(values) >= 0
             fig.update_yaxes(title_text=axis if c == 1 else None, type="log" if log else "linear", row=r, col=c,
-                             **ticks)
+                             **ticks, **(dict(rangemode="nonnegative") if nonnegative else {}))
     shapes = [shape for c, layer in enumerate(layers, start=1)
               for shape in _onset_lines(fig, len(rows), c, spikes.get(layer, []))]
     for c in range(1, len(layers) + 1):

@@ -202,6 +202,8 @@ def test_a_run_logs_optimizer_state_and_the_switch_turns_it_off(tmp_path):
     freshness = run.layers[run.layers["layer"] == "blocks.1"].set_index("step")["adam_freshness"].dropna()
     np.testing.assert_array_equal(lines[1].y, freshness.to_numpy())  # row 1, column 2
     assert fig.layout.yaxis.type == "log" and optimizer_state_section(run).title == "Optimizer state"
+    # the small-v share (row 2, often 0 throughout) gets an axis from 0, not plotly's -1..1; log rows keep theirs
+    assert fig.layout.yaxis3.rangemode == "nonnegative" and fig.layout.yaxis5.rangemode is None
     assert optimizer_state_figure(off) is None
     sample = sl.load_run(Path(__file__).parents[1] / "data_samples" / "runs" / "learned_lr1e-2")
     assert optimizer_state_section(sample) is None  # a run from before the probe
