@@ -120,6 +120,22 @@ def test_the_probed_run_report_renders_its_probe_and_replay_sections(browser, tm
     page.close()
 
 
+def test_the_real_instability_report_renders_every_section(browser, tmp_path):
+    """configs/cpu_unstable.yaml's committed seed 0 (3,000 steps, every probe, five replays):
+    every plot renders, and the page says what analyze says."""
+    run = sl.load_run(SAMPLES / "findings" / "r1_lr_hot" / "base_lr=1.28e-1_seed0")
+    path = write_report([run], tmp_path / "unstable.html")
+    assert path.stat().st_size <= 4_000_000  # 3,000 steps x 13 layers of norms and optimizer state
+    page, errors, dialogs = open_report(browser, path)
+    assert errors == [] and dialogs == []
+    check_all_rendered(page, 8)  # loss, kNN, heatmap, Figure 4, lag histogram, optimizer, attention, replay
+    assert verdict_text(summarize_run(run))["headline"] in page.inner_text(".verdict .headline")
+    text = page.inner_text("body")
+    for heading in ("Lead-lag of gradient spikes", "Optimizer state", "Attention", "Replay at step 1100"):
+        assert heading in text
+    page.close()
+
+
 def test_a_lone_knn_evaluation_is_drawn(browser, tmp_path):
     run_dir = tmp_path / "lone"
     write_meta(run_dir, {"status": "running"})

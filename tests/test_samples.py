@@ -244,3 +244,50 @@ def test_eps_regime_reads_adam_state_per_group_from_checkpoints(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         eps_regime.main([str(run_dir), "--steps", "999"])
     assert exit_info.value.code == 2
+
+
+UNSTABLE = SAMPLES / "findings" / "r1_lr_hot"
+
+
+def test_the_committed_real_instability_tells_one_story_on_every_surface(capsys):
+    """configs/cpu_unstable.yaml's committed runs (two seeds of 3,000 steps at peak lr 1.28e-1):
+    the preset is their config cut at 1,600 steps; analyze --json, the report and the raw
+    parquet rows agree that the fresh-bank kNN fell >= 20 noise units without recovering,
+    that >= 10x spikes storm through every block after step 1,000, and that the patch
+    projection neither spikes first nor leads."""
+    from dataclasses import asdict
+
+    from analysis import find_spikes
+    from stabilitylab.cli import main
+    from stabilitylab.config import load_config
+    from stabilitylab.report import build_report
+    from test_report import page_text
+
+    for seed in (0, 1):
+        preset = asdict(load_config("cpu_unstable", [f"seed={seed}"]))
+        run_dir = UNSTABLE / f"base_lr=1.28e-1_seed{seed}"
+        run = sl.load_run(run_dir)
+        made = asdict(load_config(str(run_dir / "config.yaml"), ["optim.max_steps=1600"]))
+        differ = {k for k in preset if preset[k] != made[k]}
+        assert differ <= {"log", "keep_heap", "checkpoint"}, differ  # how it was logged and kept, not trained
+        assert {k: v for k, v in preset["log"].items() if k != "progress"} == {
+            k: v for k, v in made["log"].items() if k != "progress"}
+
+        assert main(["analyze", str(run_dir), "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        [fall] = [d for d in summary["dips"] if d["source"] == "val"]
+        assert fall["depth_noise"] > 20 and not fall["recovered"]
+        val = run.knn[run.knn["source"] == "val"].set_index("step")["top1"]
+        assert val.loc[:1000].min() > 0.27 and val.iloc[-1] < 0.17  # the raw rows: a stall near 30%, then the fall
+        assert summary["final_top1"] == pytest.approx(val.iloc[-1])
+
+        onsets = find_spikes(run.grad_norms(), "ratio:10").groupby("layer", observed=True)["step"].min()
+        blocks = onsets[[f"blocks.{i}" for i in range(8)]]
+        assert blocks.between(1000, 1600).all()  # the storm reaches every block within the preset's 1,600 steps
+        assert onsets["patch_embed"] > onsets.drop("patch_embed").sort_values().iloc[2]  # not among the first three
+        assert summary["lead_lag"]["direction_p"] > 0.05 and "no evidence that patch_embed spikes lead" in (
+            summary["lead_lag"]["summary"])
+
+        text = page_text(build_report([run]))
+        assert summary["lead_lag"]["summary"] in text
+        assert f"-{100 * fall['depth']:.1f} points = {fall['depth_noise']:.1f} noise units, not recovered" in text
