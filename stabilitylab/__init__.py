@@ -7,17 +7,18 @@
 >>> sweep = sl.concat_runs(sl.load_runs("runs/sweep"), "knn")   # one frame, config columns
 >>> with sl.Monitor(model, optimizer, "runs/mine") as monitor: ...   # any training loop
 
-`Monitor` imports torch, so it loads on first use: `import stabilitylab` stays light.
+Every name loads on first use (`Monitor` imports torch, the rest pandas), so that `import
+stabilitylab` and the CLI's `--help` stay light.
 """
-from stabilitylab.run import Run, RunDirError, concat_runs, load_run, load_runs
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["Monitor", "Run", "RunDirError", "concat_runs", "load_run", "load_runs", "__version__"]
+_HOMES = {"Monitor": "stabilitylab.monitor", "Run": "stabilitylab.run", "RunDirError": "stabilitylab.run",
+          "concat_runs": "stabilitylab.run", "load_run": "stabilitylab.run", "load_runs": "stabilitylab.run"}
+__all__ = [*_HOMES, "__version__"]
 
 
 def __getattr__(name):
-    if name == "Monitor":
-        from stabilitylab.monitor import Monitor
-
-        return Monitor
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module 'stabilitylab' has no attribute {name!r}")

@@ -12,3 +12,15 @@ def test_importing_analysis_loads_no_torch_trainer_or_stabilitylab():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer', 'stabilitylab')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_importing_stabilitylab_loads_nothing_heavy_until_a_name_is_used():
+    """`import stabilitylab` loads neither pandas nor torch (its docstring's promise); the
+    first use of `load_run` brings pandas but not torch, `Monitor` brings torch."""
+    code = ("import sys, stabilitylab as sl; "
+            "heavy = lambda: sorted({m.split('.')[0] for m in sys.modules} & {'pandas', 'pyarrow', 'torch'}); "
+            "assert heavy() == [], heavy(); sl.load_run; assert heavy() == ['pandas', 'pyarrow'], heavy(); "
+            "sl.Monitor; assert 'torch' in heavy(); "
+            "assert sl.__all__ == ['Monitor', 'Run', 'RunDirError', 'concat_runs', 'load_run', 'load_runs', "
+            "'__version__'] and all(getattr(sl, name) for name in sl.__all__)")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
