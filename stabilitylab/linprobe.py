@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from stabilitylab.config import ConfigError
+from trainer.config import ProbeConfig
 
 PROBE_OVERRIDES = ("data.", "device=", "precision=", "threads=")
 
@@ -43,20 +44,20 @@ def add_linprobe_parser(sub) -> None:
     p.add_argument("--no-bn", action="store_true",
                    help="no BatchNorm before the linear layer (main_lincls.py exactly; use with "
                         "--lr 3 for its ViT value)")
+    d = ProbeConfig()  # the defaults of every protocol setting live there
     official = p.add_argument_group("official protocol")
-    official.add_argument("--epochs", type=int, default=90, help="default 90")
-    official.add_argument("--batch-size", type=int, default=1024, help="default 1024")
-    official.add_argument("--lr", type=float, default=0.1, metavar="BASE_LR",
-                          help="base lr; lr = BASE_LR x batch / 256 (default 0.1)")
-    official.add_argument("--wd", type=float, default=0.0, help="weight decay (default 0)")
+    official.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
+    official.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
+    official.add_argument("--lr", type=float, default=d.base_lr, metavar="BASE_LR",
+                          help="base lr; lr = BASE_LR x batch / 256 (default %(default)s)")
+    official.add_argument("--wd", type=float, default=d.weight_decay, help="weight decay (default %(default)s)")
     fast = p.add_argument_group("fast protocol")
-    fast.add_argument("--l2", type=float, default=1e-4, help="L2 penalty (l2/2)||W||^2 (default 1e-4)")
-    fast.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations at most (default 1000)")
+    fast.add_argument("--l2", type=float, default=d.l2, help="L2 penalty (l2/2)||W||^2 (default %(default)s)")
+    fast.add_argument("--max-iter", type=int, default=d.max_iter,
+                      help="L-BFGS iterations at most (default %(default)s)")
 
 
 def _probe_config(cfg, args, protocol):
-    from trainer.linprobe import ProbeConfig
-
     for name, value in [("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--max-iter", args.max_iter)]:
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")

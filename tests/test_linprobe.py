@@ -114,7 +114,7 @@ def test_linprobe_fast_on_the_latest_checkpoint(run_copy, capsys):
     linear = run.linear
     assert linear[["step", "protocol", "n_train", "n_val"]].values.tolist() == [[7, "fast", 64, 64]]
     assert linear["epoch"].isna().all() and 0.1 < linear["top1"].iloc[0] <= 1  # 10 classes
-    assert "lbfgs l2=0.0001" in linear["settings"].iloc[0]
+    assert linear["settings"].iloc[0].startswith(ProbeConfig().settings() + " iters=")  # the CLI's defaults are ProbeConfig's
     assert "linprobe" in set(run.events["kind"])
     # the probe superseded nothing: every earlier row is still there
     assert json.loads((run_copy / "segments.json").read_text())[: len(segments)] == segments

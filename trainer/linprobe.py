@@ -14,7 +14,6 @@ cross-entropy (a convex problem: the result does not depend on the initialisatio
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from trainer.config import ProbeConfig
 from trainer.data import Datasets, PlainDataset, linear_probe_transform
 from trainer.model import build_backbone
 
@@ -34,29 +34,6 @@ class LinearProbeError(ValueError):
 
     user_error = True
 
-
-@dataclass
-class ProbeConfig:
-    protocol: str = "fast"  # official | fast
-    batchnorm: bool = True  # BatchNorm1d(affine=False) before the linear layer
-    seed: int = 0
-    # official protocol (main_lincls.py)
-    epochs: int = 90
-    batch_size: int = 1024
-    base_lr: float = 0.1  # lr = base_lr * batch_size / 256
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    # fast protocol
-    l2: float = 1e-4  # penalty (l2 / 2) * ||W||^2 added to the mean cross-entropy
-    max_iter: int = 1000  # L-BFGS iterations at most
-
-    def settings(self) -> str:
-        """The values that decide the number, for the `settings` column."""
-        if self.protocol == "official":
-            return (f"epochs={self.epochs} batch={self.batch_size} lr={self.base_lr:g}*batch/256 "
-                    f"momentum={self.momentum:g} wd={self.weight_decay:g} cosine "
-                    f"bn={str(self.batchnorm).lower()} aug=rrc+flip")
-        return f"lbfgs l2={self.l2:g} max_iter={self.max_iter} bn={str(self.batchnorm).lower()}"
 
 
 def load_backbone(model_cfg, state: dict) -> nn.Module:
