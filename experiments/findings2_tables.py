@@ -8,8 +8,9 @@ step its entropy is below 0.1 of the maximum, the first spike event (default rul
 evaluated features' effective rank and the fresh-bank kNN at the first and last evaluation.
 R1 sweeps (r1_*): per run, its length, fresh-bank kNN (final, best, largest fall in noise
 units), spike events under the default rule and >= 10x spikes, the largest excursion, the
-lowest attention entropy and largest max logit of any block, and the precursor table of
-its spikes. Finished and interrupted runs both count (the steps column says how far).
+lowest attention entropy and largest max logit of any block, the first >= 10x spike and
+the first layer's first one (its rank among the layers' onsets: 1 is the paper's order),
+and the precursor table of its spikes. Finished and interrupted runs both count (the steps column says how far).
 """
 from __future__ import annotations
 
@@ -64,12 +65,13 @@ def collapse_table(runs) -> str:
 
 def r1_table(runs, round1) -> str:
     rows = ["| run | steps | final kNN % | best kNN % | largest fall (σ) | spike events | ≥10× spikes | "
-            "largest excursion | lowest attention entropy | largest max logit |", "|---|" + "---|" * 9]
+            "largest excursion | lowest attention entropy | largest max logit | first ≥10× spike | "
+            "first-layer ≥10× onset (rank) |", "|---|" + "---|" * 11]
     for run in runs:
         rule = round1.run_rule(run, str(DEFAULT_RULE))
         s = summarize_run(run, rule=rule)
         norms = run.grad_norms()
-        ten_x = len(find_spikes(norms, round1.run_rule(run, "ratio:10")))
+        ten_x = find_spikes(norms, round1.run_rule(run, "ratio:10"))
         top = s["largest_excursions"][0]  # the largest value / running median of any layer
         attention = run.table("attention")
         lowest = largest = "—"
@@ -82,8 +84,21 @@ def r1_table(runs, round1) -> str:
         rows.append(f"| {run.path.parent.name}/{run.name} | {run.steps['step'].max() + 1} "
                     f"({run.meta.get('status')}) | {round1.pm(s['final_top1'], float('nan'), 100)} | "
                     f"{round1.pm(s['best_top1'], float('nan'), 100)} | {round1.drawdown_noise(run):.1f} | "
-                    f"{sum(s['spikes'].values())} | {ten_x} | {top['layer']} {top['ratio']:.1f}× | {lowest} | {largest} |")
+                    f"{sum(s['spikes'].values())} | {len(ten_x)} | {top['layer']} {top['ratio']:.1f}× | {lowest} | "
+                    f"{largest} | {_onset_cells(run, ten_x)} |")
     return "\n".join(rows)
+
+
+def _onset_cells(run, ten_x: pd.DataFrame) -> str:
+    """'layer step' of the first >= 10x spike, and the first layer's first one with its rank
+    among the layers' first ones (1 = it spiked first, the paper's order); '—' for none."""
+    if ten_x.empty:
+        return "— | —"
+    onsets = ten_x.groupby("layer", observed=True)["step"].min().sort_values(kind="stable")
+    first = first_layer(run.meta)
+    lead = (f"{onsets[first]} ({list(onsets.index).index(first) + 1} of {len(onsets)})"
+            if first in onsets else "none")
+    return f"{onsets.index[0]} {onsets.iloc[0]} | {lead}"
 
 
 def precursors(runs, round1) -> str:

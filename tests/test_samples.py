@@ -81,6 +81,8 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
     precursors = out[out.index("r1_lr/base_lr=3.2e-2_seed0, 1 spike events:"):]
     assert "| adam_freshness | 1 | 0 / 1 / 0 | +0 (+0 … +0) | 0.6 |" in precursors
     assert "| r1_lr_hot/base_lr=1.28e-1_seed0 | 3000 (finished) | 14.5 | 31.5 |" in out
+    hot_row = next(line for line in out.splitlines() if line.startswith("| r1_lr_hot/base_lr=1.28e-1_seed0 |"))
+    assert hot_row.endswith("| cls_token 1152 | 1268 (7 of 12) |")  # the patch projection's first >= 10x: 7th
     # the storm's window replayed: unchanged = the original bit for bit; the lower lr removes it
     replays = out[out.index("r1_lr_hot/base_lr=1.28e-1_seed0, steps 1100–1299 (replayed from step 1000):"):]
     replays = replays[:replays.index("\n\n", replays.index("| original"))]
