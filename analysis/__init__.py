@@ -7,7 +7,7 @@ Never imports torch, trainer or stabilitylab; a run is anything with the attribu
 optional: a run without it reads as never linear-probed).
 Methods and defaults: docs/analysis.md.
 """
-from .compare import compare_runs, config_table, display_table, figure6_table, seed_spread, varied_keys
+from .compare import RUNTIME_KEYS, compare_runs, config_table, display_table, figure6_table, seed_spread, varied_keys
 from .dips import find_dips, find_knn_dips, knn_curves
 from .leadlag import LeadLagResult, spike_lead_lag
 from .linear import linear_curve, linear_summary
@@ -18,6 +18,7 @@ from .summary import format_summary, summarize_run
 
 __all__ = ["find_dips", "find_knn_dips", "knn_curves", "find_spikes", "spike_lead_lag", "LeadLagResult",
            "peak_ratio", "running_ratio", "causal_median", "SpikeRule", "DEFAULT_RULE",
-           "compare_runs", "display_table", "config_table", "varied_keys", "figure6_table", "seed_spread",
+           "compare_runs", "display_table", "config_table", "varied_keys", "RUNTIME_KEYS", "figure6_table",
+           "seed_spread",
            "summarize_run", "format_summary", "binomial_noise", "robust_noise", "curve_noise",
            "linear_summary", "linear_curve", "run_signals", "signal_onsets", "precursor_table"]

@@ -35,9 +35,12 @@ def config_table(runs) -> pd.DataFrame:
     return pd.json_normalize([run.config or {} for run in runs], sep=".")
 
 
-# Config keys that say how a run was executed or logged, not what it trained: two seeds of
-# one setting, one launched with a progress bar or a newer trainer's heap setting, stay one
-# setting. Ask for one explicitly (compare_runs(by=...), setting_labels(keys=...)) to see it.
+# Config keys of how a run was executed or logged, not of its setting: two seeds of one
+# setting, one launched with a progress bar or a newer trainer's heap setting, stay one
+# setting. `threads` (and on a CPU `data.num_workers`, when threads is unset) do change the
+# float summation order, so runs that differ in them are not bitwise copies of each other
+# (meta.json records the thread count used). Ask for a key (compare_runs(by=...),
+# setting_labels(keys=...)) to see it.
 RUNTIME_KEYS = frozenset({
     "threads", "keep_heap", "log.progress", "log.flush_every_steps", "log.flush_every_s",
     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.keep_spikes", "data.num_workers", "data.cache_dir"})
@@ -57,7 +60,7 @@ def compare_runs(runs, *, by=None, **summary_kwargs) -> pd.DataFrame:
         default "model.patch_proj" when some run's config has it (runs imported from
         elsewhere may have no such key).
     Config columns are `by` plus every dotted key whose value differs between the runs
-    (e.g. "optim.base_lr", "optim.batch_size", "optim.name"). Metric columns are those of
+    (e.g. "optim.base_lr", "optim.batch_size", "optim.name"), the `RUNTIME_KEYS` aside. Metric columns are those of
     `summarize_run` (see METRICS): final/best kNN top-1 from `knn_source` ('val' when
     present, else 'queue'), linear_top1 (the linear probe of the last probed checkpoint,
     official protocol first; None for a run never probed), n_dips, deepest_dip, dip_area

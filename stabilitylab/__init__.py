@@ -8,7 +8,7 @@
 >>> with sl.Monitor(model, optimizer, "runs/mine") as monitor: ...   # any training loop
 
 Every name loads on first use (`Monitor` imports torch, the rest pandas), so that `import
-stabilitylab` and the CLI's `--help` stay light.
+stabilitylab` stays light.
 """
 import importlib
 

@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare", help="print a comparison table of runs",
         description=("One row per run (or per setting with --over-seeds): the config keys that differ "
-                    "between the runs and each run's kNN, dip and spike metrics. Top-1, dip depth and "
+                    "between the runs (keys of how a run ran, such as threads or log.progress, aside: "
+                    "--by names one to show it) and each run's kNN, dip and spike metrics. Top-1, dip depth and "
                     "roughness are in percentage points, dip area in points x epochs, spike counts are "
                     "events under the spike rule (n_spikes: in any layer)."),
         epilog="examples:\n  stabilitylab compare runs/sweep\n"

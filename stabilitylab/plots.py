@@ -116,7 +116,8 @@ def default_layers(layers) -> list[str]:
 
 def setting_labels(runs, seed_key="seed", keys=None) -> list[str]:
     """One label per run naming the config values that differ between the runs, seed
-    excluded, so that the seeds of one setting share a label ("all" when nothing differs).
+    and `analysis.RUNTIME_KEYS` excluded, so that the seeds of one setting share a label ("all"
+    when nothing differs).
 
     keys: the dotted config keys to name instead (e.g. ["optim.batch_size", "optim.base_lr"]),
     for sweeps whose settings also differ in keys that follow from these.

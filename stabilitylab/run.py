@@ -159,7 +159,8 @@ def concat_runs(runs, table: str = "steps", *, config_keys: list[str] | None = N
     """One long frame of `table` over several runs: a whole sweep as one DataFrame.
 
     Each run's rows get a `run` column (its name) and one column per dotted config key in
-    `config_keys`; default: every key whose value differs between the runs (e.g.
+    `config_keys`; default: every key whose value differs between the runs, the
+    `analysis.RUNTIME_KEYS` aside (e.g.
     `model.patch_proj`, `optim.base_lr`, `seed`), so that
     ``concat_runs(load_runs("runs/s4"), "knn").groupby(["model.patch_proj", "step"]).top1.mean()``
     averages seeds.

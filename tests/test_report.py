@@ -17,7 +17,7 @@ import yaml
 from plotly.offline import get_plotlyjs
 
 import stabilitylab as sl
-from analysis import find_knn_dips, find_spikes, format_summary, summarize_run
+from analysis import compare_runs, find_knn_dips, find_spikes, format_summary, seed_spread, summarize_run
 from analysis.summary import verdict_text
 from stabilitylab import plots
 from stabilitylab.report import build_report, plotly_gz, write_figures, write_report
@@ -429,8 +429,20 @@ def test_keys_of_how_a_run_ran_do_not_split_a_setting(tmp_path):
     assert setting_labels(runs) == ["all", "all"]
     assert setting_labels(runs, keys=["log.progress"]) == ["progress=False", "progress=True"]
     assert "log.progress" not in sl.concat_runs(runs, "knn").columns
+    assert "threads" not in sl.concat_runs(runs, "knn").columns
+    assert seed_spread(compare_runs(runs))["n_seeds"].tolist() == [2]  # one setting over both seeds
+    assert compare_runs(runs, by="threads")["threads"].tolist() == [1, 2]  # asked for, it shows
     hot = sl.load_runs(SAMPLES / "findings" / "r1_lr_hot")
     assert setting_labels(hot) == ["base_lr=0.128", "base_lr=0.128", "base_lr=0.064"]
+
+
+def test_every_runtime_key_is_a_trainer_option():
+    """A mistyped RUNTIME_KEYS entry would silently hide nothing."""
+    from analysis import RUNTIME_KEYS
+    from trainer.config import TrainConfig, option
+
+    for key in RUNTIME_KEYS:
+        option(TrainConfig(), key)  # raises for a key TrainConfig does not have
 
 
 def test_a_sweep_concatenates_into_one_frame_with_its_settings(grid_dirs):

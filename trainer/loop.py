@@ -163,6 +163,7 @@ class Trainer:
         threads = cfg.threads or (cpu_threads(cfg.data.num_workers) if self.device.type == "cpu" else None)
         if threads:
             torch.set_num_threads(threads)
+        self.writer.update_meta(threads=torch.get_num_threads())  # float sums depend on it
         if cfg.keep_heap and self.device.type == "cpu":
             keep_freed_memory()
         self.precision = pick_precision(cfg.precision, self.device)
