@@ -42,6 +42,7 @@ def test_a_run_writes_every_table(tmp_path):
     assert n == 2 * (96 // 16)
     assert run.steps["step"].tolist() == list(range(n))
     assert run.steps["loss"].notna().all() and not run.steps["skipped"].any()
+    assert run.meta["threads"] == trainer.cfg.threads == 1  # the thread count the float sums ran on
     layers = list(run.layers["layer"].cat.categories)
     assert layers == ["patch_embed", "cls_token", "blocks.0", "blocks.1", "norm", "projector", "predictor"]
     assert len(run.layers) == n * len(layers)
