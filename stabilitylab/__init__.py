@@ -11,14 +11,23 @@ Every name loads on first use (`Monitor` imports torch, the rest pandas), so tha
 stabilitylab` stays light.
 """
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what static tools and IDEs see
+    from stabilitylab.monitor import Monitor
+    from stabilitylab.run import Run, RunDirError, concat_runs, load_run, load_runs
 
 __version__ = "0.1.0"
-_HOMES = {"Monitor": "stabilitylab.monitor", "Run": "stabilitylab.run", "RunDirError": "stabilitylab.run",
-          "concat_runs": "stabilitylab.run", "load_run": "stabilitylab.run", "load_runs": "stabilitylab.run"}
-__all__ = [*_HOMES, "__version__"]
+__all__ = ["Monitor", "Run", "RunDirError", "concat_runs", "load_run", "load_runs", "__version__"]
+_MODULE_OF = {"Monitor": "stabilitylab.monitor", "Run": "stabilitylab.run", "RunDirError": "stabilitylab.run",
+              "concat_runs": "stabilitylab.run", "load_run": "stabilitylab.run", "load_runs": "stabilitylab.run"}
 
 
 def __getattr__(name):
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(_MODULE_OF[name]), name)
     raise AttributeError(f"module 'stabilitylab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *__all__})

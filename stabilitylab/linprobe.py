@@ -44,17 +44,20 @@ def add_linprobe_parser(sub) -> None:
     p.add_argument("--no-bn", action="store_true",
                    help="no BatchNorm before the linear layer (main_lincls.py exactly; use with "
                         "--lr 3 for its ViT value)")
-    d = ProbeConfig()  # the defaults of every protocol setting live there
+    defaults = ProbeConfig()  # every protocol setting's default lives there
     official = p.add_argument_group("official protocol")
-    official.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
-    official.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
-    official.add_argument("--lr", type=float, default=d.base_lr, metavar="BASE_LR",
-                          help="base lr; lr = BASE_LR x batch / 256 (default %(default)s)")
-    official.add_argument("--wd", type=float, default=d.weight_decay, help="weight decay (default %(default)s)")
+    official.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
+    official.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                          help=f"default {defaults.batch_size}")
+    official.add_argument("--lr", type=float, default=defaults.base_lr, metavar="BASE_LR",
+                          help=f"base lr; lr = BASE_LR x batch / 256 (default {defaults.base_lr:g})")
+    official.add_argument("--wd", type=float, default=defaults.weight_decay,
+                          help=f"weight decay (default {defaults.weight_decay:g})")
     fast = p.add_argument_group("fast protocol")
-    fast.add_argument("--l2", type=float, default=d.l2, help="L2 penalty (l2/2)||W||^2 (default %(default)s)")
-    fast.add_argument("--max-iter", type=int, default=d.max_iter,
-                      help="L-BFGS iterations at most (default %(default)s)")
+    fast.add_argument("--l2", type=float, default=defaults.l2,
+                      help=f"L2 penalty (l2/2)||W||^2 (default {defaults.l2:g})")
+    fast.add_argument("--max-iter", type=int, default=defaults.max_iter,
+                      help=f"L-BFGS iterations at most (default {defaults.max_iter})")
 
 
 def _probe_config(cfg, args, protocol):
@@ -107,9 +110,9 @@ def _check_model(state: dict, cfg, checkpoint) -> None:
 
 def _data_changes(run_cfg, cfg) -> list[str]:
     """`data.KEY=VALUE` for each data setting of the probe that differs from the run's (the
-    number of loader workers aside)."""
+    loader workers and the decoded-image cache aside: they do not change the images)."""
     ours, theirs = asdict(cfg.data), asdict(run_cfg.data)
-    return [f"data.{k}={v}" for k, v in ours.items() if v != theirs[k] and k != "num_workers"]
+    return [f"data.{k}={v}" for k, v in ours.items() if v != theirs[k] and k not in ("num_workers", "cache_dir")]
 
 
 def _check_classes(data, run_cfg, cfg) -> None:

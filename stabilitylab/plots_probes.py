@@ -101,8 +101,8 @@ def _side_by_side(table: pd.DataFrame, layers: list[str], rows, title: str, spik
                               row=r, col=c)
             values = np.concatenate(shown) if shown else np.array([])
             ticks = log_ticks(values) if log and shown else dict(tickformat="~g")  # no "200µ"
-            # a share or an entropy that stays at 0 gets the axis 0..1, not plotly's -1..1
-            nonnegative = not log and len(values) and np.nanmin(values) >= 0
+            # a share that stays at 0 is drawn on 0..1, not plotly's -1..1 (the series hold no NaN)
+            nonnegative = not log and values.size > 0 and values.min() >= 0
             fig.update_yaxes(title_text=axis if c == 1 else None, type="log" if log else "linear", row=r, col=c,
                              **ticks, **(dict(rangemode="nonnegative") if nonnegative else {}))
     shapes = [shape for c, layer in enumerate(layers, start=1)

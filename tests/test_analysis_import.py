@@ -22,5 +22,5 @@ def test_importing_stabilitylab_loads_nothing_heavy_until_a_name_is_used():
             "assert heavy() == [], heavy(); sl.load_run; assert heavy() == ['pandas', 'pyarrow'], heavy(); "
             "sl.Monitor; assert 'torch' in heavy(); "
             "assert sl.__all__ == ['Monitor', 'Run', 'RunDirError', 'concat_runs', 'load_run', 'load_runs', "
-            "'__version__'] and all(getattr(sl, name) for name in sl.__all__)")
+            "'__version__'] and all(getattr(sl, name) for name in sl.__all__) and set(sl.__all__) <= set(dir(sl))")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

@@ -16,9 +16,10 @@ from stabilitylab.cli import main
 from stabilitylab.config import load_config
 from stabilitylab.rundir import SCHEMAS, compact_run
 from trainer.checkpoint import list_checkpoints, save_checkpoint
+from trainer.config import ProbeConfig
 from trainer.data import build_datasets
-from trainer.linprobe import (LinearProbeError, ProbeConfig, fit_lbfgs, linear_head, load_backbone,
-                              probe_official, topk_accuracy)
+from trainer.linprobe import (LinearProbeError, fit_lbfgs, linear_head, load_backbone, probe_official,
+                              topk_accuracy)
 from trainer.methods import build_method
 
 TINY = [
@@ -114,7 +115,7 @@ def test_linprobe_fast_on_the_latest_checkpoint(run_copy, capsys):
     linear = run.linear
     assert linear[["step", "protocol", "n_train", "n_val"]].values.tolist() == [[7, "fast", 64, 64]]
     assert linear["epoch"].isna().all() and 0.1 < linear["top1"].iloc[0] <= 1  # 10 classes
-    assert linear["settings"].iloc[0].startswith(ProbeConfig().settings() + " iters=")  # the CLI's defaults are ProbeConfig's
+    assert linear["settings"].iloc[0].startswith("lbfgs l2=0.0001 max_iter=1000 bn=true iters=")  # docs/linear_probe.md
     assert "linprobe" in set(run.events["kind"])
     # the probe superseded nothing: every earlier row is still there
     assert json.loads((run_copy / "segments.json").read_text())[: len(segments)] == segments
@@ -206,6 +207,17 @@ def _rows(*rows):
     frame = pd.DataFrame(rows, columns=["step", "protocol", "top1", "top5", "n_val", "time"])
     frame["time"] = pd.to_datetime(frame["time"], utc=True)
     return frame
+
+
+def test_the_cli_defaults_are_probe_configs():
+    """`stabilitylab linprobe` takes every protocol default from ProbeConfig (one place), and
+    they are the documented ones (docs/linear_probe.md)."""
+    from stabilitylab.cli import _parser
+
+    args = _parser().parse_args(["linprobe", "runs/x"])
+    d = ProbeConfig()
+    assert (args.epochs, args.batch_size, args.lr, args.wd, args.l2, args.max_iter) == (
+        d.epochs, d.batch_size, d.base_lr, d.weight_decay, d.l2, d.max_iter) == (90, 1024, 0.1, 0.0, 1e-4, 1000)
 
 
 def test_linear_summary_takes_the_last_checkpoint_official_first_latest_probe():

@@ -10,7 +10,8 @@ from stabilitylab.config import ConfigError, load_config
 from stabilitylab.rundir import RunWriter, write_meta
 from trainer import train
 from trainer.byol import regression_loss
-from trainer.linprobe import ProbeConfig, load_backbone, probe
+from trainer.config import ProbeConfig
+from trainer.linprobe import load_backbone, probe
 from trainer.methods import build_method
 from trainer.moco import MoCo
 from trainer.probes import layer_groups

@@ -217,6 +217,9 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
+PROBE_PROTOCOLS = ("official", "fast")
+
+
 @dataclass
 class ProbeConfig:
     """A linear probe (`stabilitylab linprobe`, docs/linear_probe.md): its protocol and the

@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from trainer.config import ProbeConfig
+from trainer.config import PROBE_PROTOCOLS, ProbeConfig
 from trainer.data import Datasets, PlainDataset, linear_probe_transform
 from trainer.model import build_backbone
 
-PROTOCOLS = ("official", "fast")
 BN_EPS = 1e-6  # the BatchNorm before the classifier (MAE's main_linprobe value)
 
 
@@ -33,7 +32,6 @@ class LinearProbeError(ValueError):
     """A checkpoint or dataset that cannot be probed; the CLI prints it as one line, exit 2."""
 
     user_error = True
-
 
 
 def load_backbone(model_cfg, state: dict) -> nn.Module:
@@ -183,6 +181,6 @@ def probe_official(backbone, data: Datasets, cfg: ProbeConfig, *, device, precis
 
 def probe(backbone, data: Datasets, cfg: ProbeConfig, **kwargs) -> dict:
     """One linear-probe result (a `linear` row without step and time) for `cfg.protocol`."""
-    if cfg.protocol not in PROTOCOLS:
-        raise LinearProbeError(f"protocol={cfg.protocol!r} is not one of: {', '.join(PROTOCOLS)}")
+    if cfg.protocol not in PROBE_PROTOCOLS:
+        raise LinearProbeError(f"protocol={cfg.protocol!r} is not one of: {', '.join(PROBE_PROTOCOLS)}")
     return (probe_official if cfg.protocol == "official" else probe_fast)(backbone, data, cfg, **kwargs)
