@@ -18,9 +18,10 @@ CELLS = [
         "1.28e-1 after 300 warm-up steps) with MoCo v3 on the full CIFAR-10 training split. On one CPU core it "
         "breaks in 2 of 2 seeds: the representation collapses early, then a storm of >=10x gradient spikes "
         "spreads through the network and the fresh-bank kNN falls without recovering (docs/findings.md, "
-        "\"R1, hotter\"). `data_samples/runs/findings/r1_lr_hot/` holds both seeds, 3,000 steps each (the preset "
-        "stops at 1,600, once the fall is over), and the cooler 6.4e-2 run beside them. This notebook finds "
-        "the fall, counts the spikes under the one spike rule, asks which layer spiked first and whether the "
+        "\"R1, hotter\"). `data_samples/runs/findings/r1_lr_hot/` holds both seeds, 3,000 steps each, and the "
+        "cooler 6.4e-2 run beside them. The preset stops at 1,600 steps: by then the storm has reached every block "
+        "and the fall has begun (13 and 16 noise units; 26 by step 3,000). This notebook finds "
+        "the fall, counts the spikes under a named spike rule, asks which layer spiked first and whether the "
         "patch projection leads (the paper's claim), looks at the attention logits, and reads the replays of "
         "the storm's window with each mitigation."),
     new_code_cell(
@@ -48,15 +49,18 @@ CELLS = [
     new_code_cell(
         "dips = pd.concat({r.name: find_knn_dips(r.knn) for r in hot}, names=['run', 'dip']).query(\"source == 'val'\")\n"
         "display(figures.knn_plot(hot, {name: d for name, d in dips.groupby('run')}))  # the fresh-bank dips shaded\n"
-        "dips[['start_step', 'bottom_step', 'depth', 'depth_noise', 'recovered', 'confirmed']]"),
+        "dips.reset_index('dip', drop=True)[['start_step', 'bottom_step', 'depth', 'depth_noise', 'recovered', 'confirmed']]"),
     new_markdown_cell(
-        "The fresh-bank top-1 stalls near 30% for 1,000 steps, then falls to 14-17% and stays there: a "
-        "26-noise-unit fall in each seed, not the paper's dip (a dip recovers). The early queue \"dips\" are the "
-        "queue refilling with collapsed features.\n\n"
-        "## Spikes under the one rule\n\n"
+        "For 1,200 steps the fresh-bank top-1 stays at the untrained network's level (29.2% and 27.5% at step -1, "
+        "28-31% after): the representation collapsed within 100 steps. Then it falls. Seed 0 drops to 22.1% at "
+        "step 1,299, climbs back to 25.7% and falls again, to 14.5% at its last evaluation (still falling); seed 1 "
+        "drops to 19.2% by step 1,599 and ends at 16.6% (bottom 13.8%). Each fall is 26 noise units and never "
+        "recovers: not the paper's dip, which does.\n\n"
+        "## Spikes under a named rule\n\n"
         "A spike is whatever one `SpikeRule` says (docs/analysis.md). The default, `mad:6+ratio:3|ratio:10`, "
         "takes a value at least 6 robust sigmas and 3x above its causal running median, or any value 10x "
-        "above it; `ratio:10` keeps only the paper-style 10x excursions. Both skip a layer's first 50 values."),
+        "above it; `ratio:10` keeps only the paper-style 10x excursions. Both skip a layer's first 50 values. "
+        "In this storm they agree but for one event: nearly every spike is 10x or more."),
     new_code_cell(
         "rules = {'default': SpikeRule.parse(DEFAULT_RULE), '>= 10x': SpikeRule.parse('ratio:10')}\n"
         "events = {name: find_spikes(norms, rule) for name, rule in rules.items()}\n"
@@ -70,8 +74,9 @@ CELLS = [
         "                       ['step'].min() for r in hot})\n"
         "onsets.sort_values(run.name).astype('Int64')"),
     new_markdown_cell(
-        "The storm begins in the class token and the middle blocks; the patch projection joins 100-400 steps "
-        "later (seed 1's class token has one isolated early event at step 296). Figure 4 of the paper, the "
+        "The storm begins in the class token and the middle blocks (seed 0: the class token at step 1,152, blocks.4 "
+        "two steps later; seed 1: blocks.5 at 1,057, after two early class-token events at 296 and 354). The patch "
+        "projection joins mid-storm, 7th and 6th of 12 layers, 116 and 409 steps after the first. Figure 4 of the paper, the "
         "first layer against the last transformer block, each over its running median with the default rule's "
         "events marked:"),
     new_code_cell("figures.first_last_plot(norms, run.name)"),
@@ -91,35 +96,40 @@ CELLS = [
         "## The attention logits\n\n"
         "The attention probe logs each block's largest pre-softmax logit every 10 steps (docs/probes.md). "
         "Attention-entropy collapse, one of the later mechanisms, shows as a growing max logit. In the storm "
-        "the logits of most blocks grow from ~5 to 10^3-10^5 (the first block's to 5x10^5 by step 2,500), while "
-        "others fall to or below 0 (a symmetric log axis, linear within +-1):"),
+        "the largest logits grow from ~5 to 10^4-10^5 (the first block's to 5.5x10^5 at step 2,500). Other blocks "
+        "end at a max logit of exactly 0 (every query-key product is 0: dead queries or keys, uniform attention), "
+        "and blocks.6 falls to -19,115. The axis is symmetric-log, linear within +-1:"),
     new_code_cell(
         "max_logit = run.table('attention').pivot_table(index='step', columns='layer', values='max_logit', observed=True)\n"
         "fig, ax = plt.subplots(figsize=(7, 3.2))\n"
-        "max_logit[['blocks.0', 'blocks.2', 'blocks.4', 'blocks.7']].plot(ax=ax, lw=1)\n"
+        "max_logit[['blocks.0', 'blocks.2', 'blocks.6', 'blocks.7']].plot(ax=ax, lw=1)\n"
         "ax.set_yscale('symlog', linthresh=1)\n"
         "ax.legend(ncol=4, fontsize=7)\n"
         "ax.set(xlabel='step', ylabel='max attention logit', title=run.name)\n"
         "plt.show()\n"
-        "max_logit.loc[[0, 1000, 1200, 1500, 2500], ['blocks.0', 'blocks.2', 'blocks.4', 'blocks.7']].round(1)"),
+        "max_logit.loc[[0, 1000, 1200, 1500, 2500, 2990]].round(1)"),
     new_markdown_cell(
-        "## Mitigations, causally: the storm's window replayed\n\n"
-        "`stabilitylab replay` reran steps 1,001-1,299 from the step-1,000 checkpoint, unchanged and once per "
+        "## The storm's window replayed: mitigations against a placebo\n\n"
+        "`stabilitylab replay` reran steps 1,000-1,299 from the checkpoint after step 999, unchanged and once per "
         "change: a frozen patch projection, Adam beta2 0.95, half the lr, and a placebo (weight decay 0.1 -> "
         "0.099). Per replay: the largest gradient norm over its running median in steps 1,100-1,299 per layer, "
-        "and the spike events there. The unchanged replay is the original bit for bit; every change, the "
-        "placebo too, moves the storm, and only half the lr keeps every layer under 10x."),
+        "the spike events there, and the fresh-bank kNN at step 1,299. The unchanged replay is the original bit "
+        "for bit. The placebo removes 29 of the 30 events and the kNN drop, as the frozen projection does, so one "
+        "window of one seed cannot tell a mitigation from a perturbation; only half the lr keeps every layer "
+        "under 10x."),
     new_code_cell(
-        "[window] = replay_comparisons(run, rule=rules['default'])\n"
-        "window.ratios[['spikes', 'patch_embed', 'cls_token', 'blocks.0', 'blocks.4', 'blocks.7']].round(1)"),
+        "[comparison] = replay_comparisons(run, rule=rules['default'])\n"
+        "knn_1299 = comparison.knn.query(\"source == 'val' and step == 1299\").set_index('replay')['top1']\n"
+        "comparison.ratios[['spikes', 'patch_embed', 'cls_token', 'blocks.0', 'blocks.4', 'blocks.7']].round(1).assign(\n"
+        "    knn_top1_1299=(100 * knn_1299).round(1))"),
     new_markdown_cell(
         "## The runs side by side\n\n"
         "`compare_runs` gives one row per run (fractions); `display_table` shows it as `stabilitylab "
         "compare` does: top-1 and dip depth in percent, roughness in points, spike counts under the rule."),
     new_code_cell(
         "table = compare_runs(sweep, rule=rules['>= 10x'])\n"
-        "display_table(table)[['run', 'final_top1', 'best_top1', 'n_dips', 'roughness', 'n_first_layer_spikes',\n"
-        "                      'n_spikes', 'first_peak_ratio', 'last_peak_ratio']]"),
+        "display_table(table)[['run', 'final_top1', 'best_top1', 'n_dips', 'deepest_dip', 'roughness',\n"
+        "                      'n_first_layer_spikes', 'n_spikes', 'first_peak_ratio', 'last_peak_ratio']]"),
 ]
 
 
