@@ -202,13 +202,16 @@ def replay_comparisons(run, replays=None, *, rule=None) -> list[ReplayComparison
     for (at, steps), members in sorted(windows.items()):
         # the unchanged replay right after the original: it tells whether the window reproduces
         members = sorted(members, key=lambda r: _label(r) != "unchanged replay")
+        labels = [_label(r) for r in members]
+        # the same change replayed twice (a determinism check, other threads) keeps both rows
+        labels = [f"{name} ({r.path.name})" if labels.count(name) > 1 else name for name, r in zip(labels, members)]
         window = (at, at + steps - 1)
         start = min(r.meta["replay"]["from_step"] for r in members) + 1
         ratios, knn = {}, []
         for name, series, curves in [("original", grad, run.knn), *(
-                (_label(r), pd.concat([grad[grad.index < r.meta["replay"]["from_step"] + 1]
-                                       .reindex(columns=r.grad_norms().columns), r.grad_norms()]), r.knn)
-                for r in members)]:
+                (name, pd.concat([grad[grad.index < r.meta["replay"]["from_step"] + 1]
+                                  .reindex(columns=r.grad_norms().columns), r.grad_norms()]), r.knn)
+                for name, r in zip(labels, members))]:
             relative = running_ratio(series, rule.window).loc[window[0]:window[1]]
             events = find_spikes(series, rule)
             ratios[name] = relative.max().reindex(grad.columns).tolist() + [

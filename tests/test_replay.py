@@ -122,3 +122,18 @@ def test_replay_section_compares_each_replay_on_the_original_baseline(replayed):
     for name, rows in comparison.knn[comparison.knn["source"] == source].groupby("replay"):
         assert table.set_index("replay").at[name, knn_column] == round(100 * rows.set_index("step").at[step, "top1"], 1)
     fig.to_json()  # serialisable for the HTML report
+
+
+def test_one_change_replayed_twice_keeps_both_rows(replayed, tmp_path):
+    """A second unchanged replay of the window (a determinism check) is a row of its own, named
+    by its folder, not a silent overwrite of the first."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(replayed, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    [unchanged] = [p for p in (copy / "replays").iterdir() if p.name.endswith("_unchanged")]
+    shutil.copytree(unchanged, unchanged.with_name(unchanged.name + "_again"))
+    [comparison] = replay_comparisons(sl.load_run(copy), rule="ratio:10,window=4,warmup=2")
+    assert list(comparison.ratios.index) == ["original", f"unchanged replay ({unchanged.name})",
+                                             f"unchanged replay ({unchanged.name}_again)", "model.patch_proj=frozen"]
+    assert set(comparison.knn["replay"]) == set(comparison.ratios.index)
