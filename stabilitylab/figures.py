@@ -17,9 +17,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from plotly.colors import unconvert_from_RGB_255, unlabel_rgb
 
-from analysis import SpikeRule, binomial_noise, find_knn_dips, find_spikes, knn_curves, running_ratio
-from stabilitylab.plots import (PALETTE, decimate, default_layers, run_styles, seed_bands, setting_labels,
-                                steps_per_epoch)
+from analysis import (SpikeRule, binomial_noise, find_knn_dips, find_spikes, knn_curves, linear_curve,
+                      running_ratio)
+from stabilitylab.plots import (LINEAR_COLORS, PALETTE, decimate, default_layers, run_styles, seed_bands,
+                                setting_labels, steps_per_epoch)
 
 __all__ = ["knn_plot", "knn_seeds_plot", "first_last_plot", "write_figures", "setting_labels",
            "steps_per_epoch", "file_stems", "save"]
@@ -77,7 +78,8 @@ def legend_below(fig: Figure, handles, labels) -> None:
 
 def knn_plot(runs, dips: dict | None = None) -> Figure:
     """kNN top-1 vs step: queue as a line, val as markers, each with its binomial +-2 sigma
-    band (one run); dips shaded.
+    band (one run); dips shaded; a single run's linear probes as diamonds with +-2 sigma bars
+    (per protocol, the colours of the HTML report).
 
     Several runs: colour per setting, line style per seed (`plots.run_styles`); the legend
     names the settings, the seeds' line styles and the sources instead of every run.
@@ -107,6 +109,13 @@ def knn_plot(runs, dips: dict | None = None) -> Figure:
     if single:
         handles = [source_handle(s, mpl_color(PALETTE[i])) for i, s in enumerate(sources)]
         names = [f"{s} (±2σ band)" for s in sources]
+        for protocol, rows in linear_curve(runs[0].linear).groupby("protocol", sort=False):
+            color = LINEAR_COLORS.get(protocol, "#777777")
+            two_sigma = 200 * binomial_noise(rows["top1"], rows["n_val"].astype(float))
+            ax.errorbar(rows["step"], 100 * rows["top1"], yerr=two_sigma, ls="none", marker="D", ms=6,
+                        color=color, mec="white", capsize=2)
+            handles.append(Line2D([], [], ls="none", marker="D", color=color, mec="white"))
+            names.append(f"linear probe ({protocol}, ±2σ)")
     else:
         color_of = {s.setting: s.color for s in styles}
         handles = [Line2D([], [], color=mpl_color(color_of[name]), lw=2) for name in settings]

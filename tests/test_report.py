@@ -532,6 +532,24 @@ def test_static_figure_legends_never_cover_or_squeeze_the_axes():
         "1st seed", "2nd seed", "3rd seed", "queue (line)", "val (markers)"]
 
 
+def test_static_knn_figure_shows_a_run_s_linear_probes_as_the_report_does():
+    """The probed sample's fast probe (20.8% at step 155, 1,000 images) is a diamond with its
+    +-2 sigma bar and a legend entry, as in the HTML report; a run never probed has neither."""
+    from matplotlib.collections import LineCollection
+
+    from stabilitylab.figures import knn_plot
+
+    fig = knn_plot([sl.load_run(SAMPLES / "probed" / "learned_lr1e-1")])
+    [diamond] = [line for line in fig.axes[0].get_lines() if line.get_marker() == "D"]
+    assert list(diamond.get_xdata()) == [155] and diamond.get_ydata()[0] == pytest.approx(20.8)
+    [bar] = [c for c in fig.axes[0].collections if isinstance(c, LineCollection)]
+    (_, low), (_, high) = bar.get_segments()[0]
+    assert high - low == pytest.approx(400 * np.sqrt(0.208 * 0.792 / 1000))
+    assert "linear probe (fast, ±2σ)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    plain = knn_plot([sl.load_run(SAMPLES / "learned_lr1e-2")])
+    assert not [line for line in plain.axes[0].get_lines() if line.get_marker() == "D"]
+
+
 def test_static_figure4_marks_the_rule_s_spikes():
     from stabilitylab.figures import first_last_plot
 
