@@ -8,6 +8,9 @@ s1_s2_knn_seeds             learned vs frozen at the three base lrs (batch 128)
 s5_knn_seeds_same_epochs    batch 128 / 512 / 1024 at base lr 1e-2 over the same 8 epochs, by epoch
 s5_knn_seeds_same_steps     batch 128 vs 512 over ~312 steps at base lr 1e-2 and 1e-1, by step
 s6_knn_seeds                LAMB vs AdamW at base lr 1e-2 and 1e-1 (learned projection)
+r1_knn_lr                   round 2, R1: the fresh-bank kNN of cpu_edge at every peak lr, 3,000 steps
+r1_unstable_controls        round 2: peak lr 1.28e-1 (cpu_unstable) as it is, with a frozen patch
+                            projection and with beta2 0.95 from step 0
 A figure whose sweeps are missing is skipped.
 """
 from __future__ import annotations
@@ -28,6 +31,10 @@ FIGURES = {
                                     keys=["optim.batch_size", "optim.base_lr"], x="step"),
     "s6_knn_seeds": dict(sweeps=["variants_lr1e-2", "variants_lr1e-1", "lamb"], patch_proj=("learned",),
                          keys=["optim.name", "optim.base_lr"]),
+    "r1_knn_lr": dict(sweeps=["r1_lr", "r1_lr_hot"], patch_proj=("learned",), keys=["optim.base_lr"], x="step"),
+    "r1_unstable_controls": dict(sweeps=["r1_lr_hot", "r1_unstable_frozen", "r1_unstable_beta2"],
+                                 patch_proj=("learned", "frozen"), base_lr=(0.128,),
+                                 keys=["model.patch_proj", "optim.betas"], x="step"),
 }
 
 
@@ -46,7 +53,8 @@ def main(argv=None) -> int:
             print(f"skip {name}: missing {', '.join(str(f) for f in folders if not f.is_dir())}")
             continue
         runs = [run for run in load_runs(folders) if run.meta.get("status") == "finished"
-                and run.config_value("model.patch_proj") in spec["patch_proj"]]
+                and run.config_value("model.patch_proj") in spec["patch_proj"]
+                and run.config_value("optim.base_lr") in spec.get("base_lr", [run.config_value("optim.base_lr")])]
         runs.sort(key=lambda run: [run.config_value(key) for key in spec["keys"]])  # legend order
         figure = knn_seeds_plot(runs, x=spec.get("x"), keys=spec["keys"])
         for path in save(figure, Path(args.figures) / name, formats=["png"]):

@@ -100,8 +100,8 @@ def test_findings_figures_are_written_from_the_committed_runs(tmp_path):
 
     assert experiment_script("findings_figures").main([str(SAMPLES / "findings"), str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["s1_s2_knn_seeds.png", "s5_knn_seeds_same_epochs.png", "s5_knn_seeds_same_steps.png",
-                     "s6_knn_seeds.png"]
+    assert names == ["r1_knn_lr.png", "s1_s2_knn_seeds.png", "s5_knn_seeds_same_epochs.png",
+                     "s5_knn_seeds_same_steps.png", "s6_knn_seeds.png"]
     for name in names:
         height, width = imread(tmp_path / name).shape[:2]  # 6.4 in wide at 200 dpi; 3.6 in of axes
         assert width == 1280 and 720 < height < 1000  # plus the legend below them
