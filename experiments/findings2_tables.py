@@ -11,6 +11,9 @@ units), spike events under the default rule and >= 10x spikes, the largest excur
 lowest attention entropy and largest max logit of any block, the first >= 10x spike and
 the first layer's first one (its rank among the layers' onsets: 1 is the paper's order),
 and the precursor table of its spikes. Finished and interrupted runs both count (the steps column says how far).
+Controls (r1_unstable_*, from step 0 at cpu_unstable's peak lr): the same row for each of
+them and for the r1_lr_hot runs at that lr, every run cut at the controls' length, with the
+fresh-bank kNN at fixed steps.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import DEFAULT_RULE, find_spikes, precursor_table, run_signals, summarize_run
+from analysis import DEFAULT_RULE, find_spikes, knn_curves, precursor_table, run_signals, summarize_run
 from analysis.layers import first_layer, last_block
 from stabilitylab.plots_probes import replay_comparisons
 from stabilitylab.run import is_run_dir, load_runs
@@ -29,6 +32,37 @@ ROUND1 = Path(__file__).with_name("findings_tables.py")
 COLLAPSE = "collapse_tiny"
 COLLAPSE_STEP = 50  # the first block's attention at this step: collapsed by then at the hot lr
 COLLAPSED = 0.1  # mean attention entropy / log N below which a block attends to ~1 token
+CONTROLS = "r1_unstable_"  # sweeps of the controls from step 0 (findings2_cpu.sh)
+CONTROL_KNN_STEPS = (799, 999, 1299, 1599)
+
+
+class FirstSteps:
+    """The first `n_steps` steps of a run, every table cut there: a run (as `analysis` reads
+    one) to compare with runs that stopped sooner."""
+
+    def __init__(self, run, n_steps: int):
+        self.run, self.n_steps = run, n_steps
+        self.name, self.path, self.config = run.name, run.path, run.config
+        self.meta = {**run.meta, "status": run.meta.get("status") if run.steps["step"].max() < n_steps
+                     else f"first {n_steps}"}
+
+    def _cut(self, table):
+        return table[table["step"] < self.n_steps].reset_index(drop=True)
+
+    def table(self, name):
+        return self._cut(self.run.table(name))
+
+    def config_value(self, dotted, default=None):
+        return self.run.config_value(dotted, default)
+
+    def grad_norms(self, stat="grad_l2"):
+        return self.run.grad_norms(stat).loc[:self.n_steps - 1]
+
+    steps = property(lambda self: self._cut(self.run.steps))
+    layers = property(lambda self: self._cut(self.run.layers))
+    knn = property(lambda self: self._cut(self.run.knn))
+    events = property(lambda self: self._cut(self.run.events))
+    linear = property(lambda self: self._cut(self.run.linear))
 
 
 def _round1():
@@ -91,14 +125,32 @@ def r1_table(runs, round1) -> str:
 
 def _onset_cells(run, ten_x: pd.DataFrame) -> str:
     """'layer step' of the first >= 10x spike, and the first layer's first one with its rank
-    among the layers' first ones (1 = it spiked first, the paper's order); '—' for none."""
+    among the layers' first ones (1 = it spiked first, the paper's order): 'none' when it
+    never reached 10x, 'frozen' when it was not trained (a frozen patch projection logs no
+    gradient); '—' for a run without >= 10x spikes."""
     if ten_x.empty:
         return "— | —"
     onsets = ten_x.groupby("layer", observed=True)["step"].min().sort_values(kind="stable")
     first = first_layer(run.meta)
-    lead = (f"{onsets[first]} ({list(onsets.index).index(first) + 1} of {len(onsets)})"
-            if first in onsets else "none")
+    lead = (f"{onsets[first]} ({list(onsets.index).index(first) + 1} of {len(onsets)})" if first in onsets
+            else "none" if first in run.grad_norms().columns else "frozen")
     return f"{onsets.index[0]} {onsets.iloc[0]} | {lead}"
+
+
+def controls_table(controls, originals, round1) -> str:
+    """The R1 row of each control and of each original run at the controls' peak lr, every run
+    cut at the controls' shortest length, then their fresh-bank kNN at CONTROL_KNN_STEPS."""
+    n_steps = min(int(run.steps["step"].max()) + 1 for run in controls)
+    lrs = {run.config_value("optim.base_lr") for run in controls}
+    runs = [FirstSteps(run, n_steps) for run in
+            [*(r for r in originals if r.config_value("optim.base_lr") in lrs), *controls]]
+    steps = [s for s in CONTROL_KNN_STEPS if s < n_steps]
+    knn = ["| run | " + " | ".join(f"kNN % at {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for run in runs:
+        val = knn_curves(run.knn)["val"]["top1"]
+        knn.append(f"| {run.path.parent.name}/{run.name} | "
+                   + " | ".join("—" if s not in val.index else f"{100 * val[s]:.1f}" for s in steps) + " |")
+    return f"{r1_table(runs, round1)}\n\n" + "\n".join(knn)
 
 
 def precursors(runs, round1) -> str:
@@ -163,9 +215,15 @@ def main(argv=None) -> int:
     if COLLAPSE in sweeps:
         print(f"### {COLLAPSE}: attention and representation collapse at the hot lr\n\n"
               f"{collapse_table(load_runs([sweeps.pop(COLLAPSE)]))}\n")
+    control_sweeps = [path for name, path in sweeps.items() if name.startswith(CONTROLS)]
+    controls = load_runs(control_sweeps) if control_sweeps else []
     if sweeps:
         runs = load_runs(list(sweeps.values()))
         print(f"### R1: long horizon, one row per run\n\n{r1_table(runs, round1)}\n")
+        if controls:
+            originals = [run for run in runs if run.path.parent.name == "r1_lr_hot"]
+            print(f"### R1: the controls from step 0, every run cut at the same length\n\n"
+                  f"{controls_table(controls, originals, round1)}\n")
         print(f"### R1: which signal moved first (lookback 50 steps)\n\n{precursors(runs, round1)}")
         if replays := replay_tables(runs, round1):
             print(f"\n### R1: the spikes replayed with each mitigation\n\n{replays}")

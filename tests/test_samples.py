@@ -47,7 +47,7 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     assert experiment_script("findings_tables").main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 44 + 13 and all(r.meta["status"] == "finished" for r in runs)  # rounds 1 and 2
+    assert len(runs) == 44 + 15 and all(r.meta["status"] == "finished" for r in runs)  # rounds 1 and 2
     # S5: the batch sizes side by side, each with its length in steps
     s5 = out[out.index("### S5"):].split("\n\n")[1].splitlines()
     assert [row.split("|")[1:6] for row in s5[2:]] == [
@@ -83,6 +83,14 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
     assert "| r1_lr_hot/base_lr=1.28e-1_seed0 | 3000 (finished) | 14.5 | 31.5 |" in out
     hot_row = next(line for line in out.splitlines() if line.startswith("| r1_lr_hot/base_lr=1.28e-1_seed0 |"))
     assert hot_row.endswith("| cls_token 1152 | 1268 (7 of 12) |")  # the patch projection's first >= 10x: 7th
+    # the controls from step 0, every run cut at their 1,600 steps: the frozen projection breaks
+    # sooner (kNN 18.0% at step 999), beta2 0.95 spikes less and does not fall
+    controls = out[out.index("### R1: the controls from step 0"):out.index("### R1: which signal")]
+    assert "| r1_lr_hot/base_lr=1.28e-1_seed0 | 1600 (first 1600) | 25.3 | 31.5 | 15.9 | 72 | 71 |" in controls
+    assert "| r1_unstable_frozen/patch_proj=frozen_seed0 | 31.3 | 18.0 | 16.5 | 20.0 |" in controls
+    frozen = next(line for line in controls.splitlines() if line.startswith("| r1_unstable_frozen/") and "finished" in line)
+    assert frozen.endswith("| cls_token 793 | frozen |")
+    assert "| r1_unstable_beta2/base_lr=1.28e-1_seed0 | 1600 (finished) | 27.9 | 31.5 | 8.2 | 53 | 51 | cls_token 68.5× |" in controls
     # the storm's window replayed: unchanged = the original bit for bit; the lower lr removes it
     replays = out[out.index("r1_lr_hot/base_lr=1.28e-1_seed0, steps 1100–1299 (replayed from step 1000):"):]
     replays = replays[:replays.index("\n\n", replays.index("| original"))]
@@ -100,7 +108,7 @@ def test_findings_figures_are_written_from_the_committed_runs(tmp_path):
 
     assert experiment_script("findings_figures").main([str(SAMPLES / "findings"), str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["r1_knn_lr.png", "s1_s2_knn_seeds.png", "s5_knn_seeds_same_epochs.png",
+    assert names == ["r1_knn_lr.png", "r1_unstable_controls.png", "s1_s2_knn_seeds.png", "s5_knn_seeds_same_epochs.png",
                      "s5_knn_seeds_same_steps.png", "s6_knn_seeds.png"]
     for name in names:
         height, width = imread(tmp_path / name).shape[:2]  # 6.4 in wide at 200 dpi; 3.6 in of axes
