@@ -602,8 +602,8 @@ def test_a_probed_run_shows_its_probes_replays_linear_probe_and_collapse_signals
 
     [section] = plots_probes.replay_sections(run)
     [table] = section.tables
-    assert table["replay"].tolist() == ["original", "model.patch_proj=frozen", "optim.betas=[0.9,0.95]",
-                                        "unchanged replay"]
+    assert table["replay"].tolist() == ["original", "unchanged replay", "model.patch_proj=frozen",
+                                        "optim.betas=[0.9,0.95]"]
     assert table.set_index("replay").at["original", "cls_token"] == 417.4  # the verdict's 417x at step 96
     assert "417x at step 96" in text and "kNN top-1 (val) at step 116 (%)" in text
 
