@@ -119,11 +119,11 @@ def r1_table(runs, round1) -> str:
                     f"({run.meta.get('status')}) | {round1.pm(s['final_top1'], float('nan'), 100)} | "
                     f"{round1.pm(s['best_top1'], float('nan'), 100)} | {round1.drawdown_noise(run):.1f} | "
                     f"{sum(s['spikes'].values())} | {len(ten_x)} | {top['layer']} {top['ratio']:.1f}× | {lowest} | "
-                    f"{largest} | {_onset_cells(run, ten_x)} |")
+                    f"{largest} | {_onset_cells(run, ten_x, norms.columns)} |")
     return "\n".join(rows)
 
 
-def _onset_cells(run, ten_x: pd.DataFrame) -> str:
+def _onset_cells(run, ten_x: pd.DataFrame, logged_layers) -> str:
     """'layer step' of the first >= 10x spike, and the first layer's first one with its rank
     among the layers' first ones (1 = it spiked first, the paper's order): 'none' when it
     never reached 10x, 'frozen' when it was not trained (a frozen patch projection logs no
@@ -133,7 +133,7 @@ def _onset_cells(run, ten_x: pd.DataFrame) -> str:
     onsets = ten_x.groupby("layer", observed=True)["step"].min().sort_values(kind="stable")
     first = first_layer(run.meta)
     lead = (f"{onsets[first]} ({list(onsets.index).index(first) + 1} of {len(onsets)})" if first in onsets
-            else "none" if first in run.grad_norms().columns else "frozen")
+            else "none" if first in logged_layers else "frozen")
     return f"{onsets.index[0]} {onsets.iloc[0]} | {lead}"
 
 

@@ -110,9 +110,12 @@ def _check_model(state: dict, cfg, checkpoint) -> None:
 
 def _data_changes(run_cfg, cfg) -> list[str]:
     """`data.KEY=VALUE` for each data setting of the probe that differs from the run's (the
-    loader workers and the decoded-image cache aside: they do not change the images)."""
+    data keys of `analysis.RUNTIME_KEYS` aside, the loader workers and the decoded-image cache:
+    they do not change the images)."""
+    from analysis import RUNTIME_KEYS
+
     ours, theirs = asdict(cfg.data), asdict(run_cfg.data)
-    return [f"data.{k}={v}" for k, v in ours.items() if v != theirs[k] and k not in ("num_workers", "cache_dir")]
+    return [f"data.{k}={v}" for k, v in ours.items() if v != theirs[k] and f"data.{k}" not in RUNTIME_KEYS]
 
 
 def _check_classes(data, run_cfg, cfg) -> None:
