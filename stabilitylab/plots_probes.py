@@ -183,6 +183,14 @@ def _label(replay) -> str:
     return replay.meta["replay"].get("mitigation") or "unchanged replay"
 
 
+def _replayed_grad(original: pd.DataFrame, replay) -> pd.DataFrame:
+    """A replay's gradient norms behind the original's up to the checkpoint it started from:
+    the running medians at the window's start need the steps before it."""
+    replayed = replay.grad_norms()
+    before = original[original.index < replay.meta["replay"]["from_step"] + 1]
+    return pd.concat([before.reindex(columns=replayed.columns), replayed])
+
+
 def replay_comparisons(run, replays=None, *, rule=None) -> list[ReplayComparison]:
     """One comparison per replayed window (`--at`, `--steps`) of `run`; `replays` default:
     `stabilitylab.replay.find_replays(run)`."""
@@ -208,10 +216,8 @@ def replay_comparisons(run, replays=None, *, rule=None) -> list[ReplayComparison
         window = (at, at + steps - 1)
         start = min(r.meta["replay"]["from_step"] for r in members) + 1
         ratios, knn = {}, []
-        for name, series, curves in [("original", grad, run.knn), *(
-                (name, pd.concat([grad[grad.index < r.meta["replay"]["from_step"] + 1]
-                                  .reindex(columns=r.grad_norms().columns), r.grad_norms()]), r.knn)
-                for name, r in zip(labels, members))]:
+        for name, series, curves in [("original", grad, run.knn),
+                                     *((name, _replayed_grad(grad, r), r.knn) for name, r in zip(labels, members))]:
             relative = running_ratio(series, rule.window).loc[window[0]:window[1]]
             events = find_spikes(series, rule)
             ratios[name] = relative.max().reindex(grad.columns).tolist() + [
