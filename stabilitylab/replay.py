@@ -24,10 +24,14 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stabilitylab.config import config_from_run, config_to_yaml, load_config
-from stabilitylab.run import Run, is_run_dir, load_run
-from stabilitylab.rundir import CONFIG_FILE, RunWriter, atomic_write_text, update_meta, utc_now, write_meta
+from stabilitylab.rundir import (CONFIG_FILE, RunWriter, atomic_write_text, is_run_dir, read_meta, update_meta,
+                                 utc_now, write_meta)
+
+if TYPE_CHECKING:  # stabilitylab.run (pandas) is imported where runs are read, not for --help
+    from stabilitylab.run import Run
 from trainer.config import config_differences
 
 REPLAYS = "replays"
@@ -84,6 +88,8 @@ def choose_checkpoint(run_dir: Path, at: int):
 
 def plan_replays(run_dir, *, at: int, steps: int, mitigations=(), force: bool = False) -> tuple[object, list[Replay]]:
     """(checkpoint, [Replay]) for `replay_run`; every refusal happens here, before any work."""
+    from stabilitylab.run import Run
+
     run = Run(run_dir)
     if steps < 1:
         raise ReplayError(f"--steps {steps}: replay at least one step")
@@ -125,7 +131,7 @@ def plan_replays(run_dir, *, at: int, steps: int, mitigations=(), force: bool = 
 
 
 def _finished(path: Path) -> bool:
-    return is_run_dir(path) and load_run(path).meta.get("status") == "finished"
+    return is_run_dir(path) and read_meta(path).get("status") == "finished"
 
 
 def apply_mitigation(trainer, cfg, parent) -> None:
@@ -230,6 +236,8 @@ def replay_run(run_dir, *, at: int, steps: int = 200, mitigations=(), force: boo
 
 def find_replays(run) -> list[Run]:
     """The finished and unfinished replays under a run (`Run` or path), by name."""
+    from stabilitylab.run import load_run
+
     folder = Path(getattr(run, "path", run)) / REPLAYS
     return [load_run(p) for p in sorted(folder.iterdir()) if is_run_dir(p)] if folder.is_dir() else []
 

@@ -22,15 +22,17 @@ import warnings
 import weakref
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from trainer.durable import write_durably, write_failure
+
+if TYPE_CHECKING:  # pandas is imported where tables are read: the CLI's --help and the writer need none
+    import pandas as pd
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 LAYER_TYPE = pa.dictionary(pa.int16(), pa.string())
@@ -693,6 +695,8 @@ def _bad_part(message: str, lenient: bool) -> None:
 
 
 def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    import pandas as pd
+
     df = table.to_pandas()
     if isinstance(df.get("layer", pd.Series()).dtype, pd.CategoricalDtype):
         # the dictionary-encoded layer columns (layers, attention): categories in model
