@@ -27,6 +27,7 @@ COMMANDS = {
     "monitor": [sys.executable, str(BENCH / "bench_monitor.py"), "--quick"],
     "detectors": [sys.executable, str(BENCH / "bench_detectors.py"), "--quick"],
     "heap": [sys.executable, str(BENCH / "bench_heap.py"), "--quick"],
+    "precision": [sys.executable, str(BENCH / "bench_precision.py"), "--quick"],
 }
 
 
@@ -192,3 +193,12 @@ def test_bench_detectors_quick(runs):
     assert len(recall) == 5 and number(recall[0]) >= 90  # 30x spikes
     assert "default rule (analysis.DEFAULT_RULE): mad:6+ratio:3|ratio:10" in text
     assert "| `mad:6` |" in text and "### Committed runs (4 under data_samples/runs)" in text
+
+
+def test_bench_precision_quick(runs):
+    text = finished(runs, "precision")
+    rows = results(text)
+    for precision in ("bf16", "fp16"):
+        measured, _, status = one(rows, f"6 precision: step time {precision} / fp32 (cpu time)")
+        assert 0.1 < number(measured) < 50 and status == "info"
+    assert re.search(r"native bf16: (yes|no)", text)
