@@ -45,5 +45,11 @@ stabilitylab sweep --out "$out/r2_batch1024" --grid optim.name=adamw,lamb --seed
 # medians first: python experiments/eps_regime.py "$out/r1_lr/base_lr=${edge}_seed0"
 # (at ~2e-3 for the patch projection in the R1 runs, so eps 2e-4 ... 2e-3)
 stabilitylab sweep --out "$out/r3_eps" --grid optim.eps=2e-4,1e-3 --seeds 2 optim.base_lr="$edge" "${C[@]}"
-# Precision: bf16 autocast at the edge (fp16 needs a GPU to be usable)
+# R3 where the instability is (docs/findings.md has the prediction): eps 2e-4 puts the patch
+# projection's sqrt(v-hat) (its gradient RMS at 1.28e-1: 4-7e-4) at 2-3x eps
+stabilitylab sweep --out "$out/r3_unstable_eps" --config cpu_unstable --grid optim.eps=2e-4 --seeds 2 --jobs 2
+# Precision: bf16 autocast at the edge and where the instability is. Only on a CPU with native
+# bf16 (AVX512-BF16 / AMX) or a GPU: without it a bf16 step is ~6.6x an fp32 one
+# (python benchmarks/bench_precision.py --edge; fp16 ~6.9x)
+stabilitylab sweep --out "$out/r1_unstable_bf16" --config cpu_unstable --grid precision=bf16 --seeds 2 --jobs 2
 stabilitylab sweep --out "$out/precision" --grid precision=bf16 --seeds 2 optim.base_lr="$edge" "${C[@]}"

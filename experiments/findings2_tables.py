@@ -11,9 +11,10 @@ units), spike events under the default rule and >= 10x spikes, the largest excur
 lowest attention entropy and largest max logit of any block, the first >= 10x spike and
 the first layer's first one (its rank among the layers' onsets: 1 is the paper's order),
 and the precursor table of its spikes. Finished and interrupted runs both count (the steps column says how far).
-Controls (r1_unstable_*, from step 0 at cpu_unstable's peak lr): the same row for each of
-them and for the r1_lr_hot runs at that lr, every run cut at the controls' length, with the
-fresh-bank kNN at fixed steps.
+Controls (r1_unstable_* and R3's r3_unstable_*, from step 0 at cpu_unstable's peak lr): the same row for each of
+them and for the r1_lr_hot runs at that lr, every run cut at the longest control's length (a control still running shows how far it got), with the
+fresh-bank kNN at fixed steps, and per run which moved first: the first >= 10x gradient spike
+or a block's max attention logit reaching 1,000.
 """
 from __future__ import annotations
 
@@ -32,8 +33,12 @@ ROUND1 = Path(__file__).with_name("findings_tables.py")
 COLLAPSE = "collapse_tiny"
 COLLAPSE_STEP = 50  # the first block's attention at this step: collapsed by then at the hot lr
 COLLAPSED = 0.1  # mean attention entropy / log N below which a block attends to ~1 token
-CONTROLS = "r1_unstable_"  # sweeps of the controls from step 0 (findings2_cpu.sh)
+# sweeps from step 0 at cpu_unstable's peak lr (findings2_cpu.sh): R1's controls and R3's raised eps
+CONTROLS = ("r1_unstable_", "r3_unstable_")
 CONTROL_KNN_STEPS = (799, 999, 1299, 1599)
+# a block's max attention logit at or above this is a burst: section C's collapsed first blocks
+# sit at 900-1,560, and no run that learns reaches it (6.4e-2: at most 718)
+LOGIT_BURST = 1000
 
 
 class FirstSteps:
@@ -137,20 +142,54 @@ def _onset_cells(run, ten_x: pd.DataFrame, logged_layers) -> str:
     return f"{onsets.index[0]} {onsets.iloc[0]} | {lead}"
 
 
-def controls_table(controls, originals, round1) -> str:
-    """The R1 row of each control and of each original run at the controls' peak lr, every run
-    cut at the controls' shortest length, then their fresh-bank kNN at CONTROL_KNN_STEPS."""
-    n_steps = min(int(run.steps["step"].max()) + 1 for run in controls)
+def _beside_controls(controls, originals) -> list[FirstSteps]:
+    """The original runs at the controls' peak lr, then the controls, all cut at the longest
+    control's length (a control still running shows how far it got)."""
+    n_steps = max(int(run.steps["step"].max()) + 1 for run in controls)
     lrs = {run.config_value("optim.base_lr") for run in controls}
-    runs = [FirstSteps(run, n_steps) for run in
+    return [FirstSteps(run, n_steps) for run in
             [*(r for r in originals if r.config_value("optim.base_lr") in lrs), *controls]]
-    steps = [s for s in CONTROL_KNN_STEPS if s < n_steps]
+
+
+def controls_table(controls, originals, round1) -> str:
+    """The R1 row of each run `_beside_controls`, then their fresh-bank kNN at CONTROL_KNN_STEPS."""
+    runs = _beside_controls(controls, originals)
+    steps = [s for s in CONTROL_KNN_STEPS if s < runs[0].n_steps]
     knn = ["| run | " + " | ".join(f"kNN % at {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
     for run in runs:
         val = knn_curves(run.knn)["val"]["top1"]
         knn.append(f"| {run.path.parent.name}/{run.name} | "
                    + " | ".join("—" if s not in val.index else f"{100 * val[s]:.1f}" for s in steps) + " |")
     return f"{r1_table(runs, round1)}\n\n" + "\n".join(knn)
+
+
+def onset_table(controls, originals, round1) -> str:
+    """Which moved first where the storm starts, gradient or attention: per run
+    `_beside_controls`, its first >= 10x spike (any layer, and in a block), the largest max
+    attention logit of any block up to that step, and the first evaluation with a block at
+    >= LOGIT_BURST, with its lag after the first spike."""
+    rows = ["| run | first ≥10× spike | first ≥10× spike in a block | largest max logit before it | "
+            f"first max logit ≥ {LOGIT_BURST:,} | steps after the first spike |", "|---|" + "---|" * 5]
+    for run in _beside_controls(controls, originals):
+        ten_x = find_spikes(run.grad_norms(), round1.run_rule(run, "ratio:10")).sort_values("step", kind="stable")
+        if ten_x.empty:
+            rows.append(f"| {run.path.parent.name}/{run.name} | none | none | — | — | — |")
+            continue
+        first = ten_x.iloc[0]
+        in_block = ten_x[ten_x["layer"].astype(str).str.startswith("blocks.")]
+        block = "none" if in_block.empty else f"{in_block.iloc[0]['layer']} {in_block.iloc[0]['step']}"
+        logit = _attention(run, "max_logit")
+        before = logit.loc[:first["step"]]
+        peak = "—" if before.empty else f"{before.max().max():.0f} ({before.max().idxmax()})"
+        burst = logit[(logit >= LOGIT_BURST).any(axis=1)]
+        if burst.empty:
+            burst_cell, lag = "never", "—"
+        else:
+            burst_cell = f"{burst.index[0]} ({burst.iloc[0].idxmax()})"
+            lag = f"{burst.index[0] - first['step']:+d}"
+        rows.append(f"| {run.path.parent.name}/{run.name} | {first['layer']} {first['step']} | {block} | "
+                    f"{peak} | {burst_cell} | {lag} |")
+    return "\n".join(rows)
 
 
 def precursors(runs, round1) -> str:
@@ -208,7 +247,7 @@ def main(argv=None) -> int:
     if not out.is_dir():
         parser.error(f"{out} is not a folder: pass the folder that holds the round-2 sweeps (e.g. runs/findings2)")
     sweeps = {p.name: p for p in sorted(out.iterdir())
-              if p.is_dir() and (p.name == COLLAPSE or p.name.startswith("r1_")) and any(map(is_run_dir, p.iterdir()))}
+              if p.is_dir() and (p.name == COLLAPSE or p.name.startswith(("r1_", *CONTROLS))) and any(map(is_run_dir, p.iterdir()))}
     if not sweeps:
         parser.error(f"no {COLLAPSE} or r1_* sweep with runs under {out}")
     round1 = _round1()
@@ -224,6 +263,8 @@ def main(argv=None) -> int:
             originals = [run for run in runs if run.path.parent.name == "r1_lr_hot"]
             print(f"### R1: the controls from step 0, every run cut at the same length\n\n"
                   f"{controls_table(controls, originals, round1)}\n")
+            print(f"### R1: where the storm starts, gradient or attention first (same runs)\n\n"
+                  f"{onset_table(controls, originals, round1)}\n")
         print(f"### R1: which signal moved first (lookback 50 steps)\n\n{precursors(runs, round1)}")
         if replays := replay_tables(runs, round1):
             print(f"\n### R1: the spikes replayed with each mitigation\n\n{replays}")

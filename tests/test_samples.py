@@ -91,6 +91,13 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
     frozen = next(line for line in controls.splitlines() if line.startswith("| r1_unstable_frozen/") and "finished" in line)
     assert frozen.endswith("| cls_token 793 | frozen |")
     assert "| r1_unstable_beta2/base_lr=1.28e-1_seed0 | 1600 (finished) | 27.9 | 31.5 | 8.2 | 53 | 51 | cls_token 68.5× |" in controls
+    # where the storm starts: the first >= 10x gradient spike comes before any block's max
+    # attention logit reaches 1,000, in every run at that lr
+    onsets = out[out.index("### R1: where the storm starts"):out.index("### R1: which signal")]
+    assert "| r1_lr_hot/base_lr=1.28e-1_seed0 | cls_token 1152 | blocks.4 1154 | 583 (blocks.4) | 1160 (blocks.4) | +8 |" in onsets
+    assert "| r1_unstable_beta2/base_lr=1.28e-1_seed0 | cls_token 329 | blocks.0 629 | 272 (blocks.0) | 380 (blocks.0) | +51 |" in onsets
+    lags = [int(line.rsplit("|", 2)[1]) for line in onsets.splitlines() if line.startswith("| r1_")]
+    assert len(lags) >= 4 and all(lag > 0 for lag in lags)
     # the storm's window replayed: unchanged = the original bit for bit; the lower lr removes it
     replays = out[out.index("r1_lr_hot/base_lr=1.28e-1_seed0, steps 1100–1299 (replayed from step 1000):"):]
     replays = replays[:replays.index("\n\n", replays.index("| original"))]
