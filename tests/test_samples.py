@@ -47,7 +47,7 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     assert experiment_script("findings_tables").main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 44 + 15 and all(r.meta["status"] == "finished" for r in runs)  # rounds 1 and 2
+    assert len(runs) == 44 + 16 and all(r.meta["status"] == "finished" for r in runs)  # rounds 1 and 2
     # S5: the batch sizes side by side, each with its length in steps
     s5 = out[out.index("### S5"):].split("\n\n")[1].splitlines()
     assert [row.split("|")[1:6] for row in s5[2:]] == [
@@ -92,12 +92,15 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
     assert frozen.endswith("| cls_token 793 | frozen |")
     assert "| r1_unstable_beta2/base_lr=1.28e-1_seed0 | 1600 (finished) | 27.9 | 31.5 | 8.2 | 53 | 51 | cls_token 68.5× |" in controls
     # where the storm starts: the first >= 10x gradient spike comes before any block's max
-    # attention logit reaches 1,000, in every run at that lr
+    # attention logit reaches 1,000 in 4 of the 5 runs at that lr; frozen seed 1 has it the other way
     onsets = out[out.index("### R1: where the storm starts"):out.index("### R1: which signal")]
     assert "| r1_lr_hot/base_lr=1.28e-1_seed0 | cls_token 1152 | blocks.4 1154 | 583 (blocks.4) | 1160 (blocks.4) | +8 |" in onsets
     assert "| r1_unstable_beta2/base_lr=1.28e-1_seed0 | cls_token 329 | blocks.0 629 | 272 (blocks.0) | 380 (blocks.0) | +51 |" in onsets
-    lags = [int(line.rsplit("|", 2)[1]) for line in onsets.splitlines() if line.startswith("| r1_")]
-    assert len(lags) >= 4 and all(lag > 0 for lag in lags)
+    lags = {line.split("|")[1].strip(): int(line.rsplit("|", 2)[1])
+            for line in onsets.splitlines() if line.startswith(("| r1_lr_hot/", "| r1_unstable_"))}
+    assert lags.pop("r1_unstable_frozen/patch_proj=frozen_seed1") == -89
+    assert len(lags) >= 4 and all(lag > 0 for lag in lags.values()), lags
+    assert "| r1_unstable_frozen/patch_proj=frozen_seed1 | 30.1 | 30.3 | 30.3 | 20.7 |" in controls  # breaks late
     # the storm's window replayed: unchanged = the original bit for bit; the lower lr removes it
     replays = out[out.index("r1_lr_hot/base_lr=1.28e-1_seed0, steps 1100–1299 (replayed from step 1000):"):]
     replays = replays[:replays.index("\n\n", replays.index("| original"))]
