@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import DEFAULT_RULE, find_spikes, knn_curves, precursor_table, run_signals, summarize_run
-from analysis.layers import first_layer, last_block
+from analysis.layers import BLOCK, first_layer, last_block
 from stabilitylab.plots_probes import replay_comparisons
 from stabilitylab.run import is_run_dir, load_runs
 
@@ -176,7 +176,7 @@ def onset_table(controls, originals, round1) -> str:
             rows.append(f"| {run.path.parent.name}/{run.name} | none | none | — | — | — |")
             continue
         first = ten_x.iloc[0]
-        in_block = ten_x[ten_x["layer"].astype(str).str.startswith("blocks.")]
+        in_block = ten_x[ten_x["layer"].astype(str).str.fullmatch(BLOCK.pattern)]
         block = "none" if in_block.empty else f"{in_block.iloc[0]['layer']} {in_block.iloc[0]['step']}"
         logit = _attention(run, "max_logit")
         before = logit.loc[:first["step"]]
