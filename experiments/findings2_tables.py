@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -111,7 +112,8 @@ def r1_table(runs, round1) -> str:
         s = summarize_run(run, rule=rule)
         norms = run.grad_norms()
         ten_x = find_spikes(norms, round1.run_rule(run, "ratio:10"))
-        top = s["largest_excursions"][0]  # the largest value / running median of any layer
+        excursions = s["largest_excursions"]  # largest value / running median per layer; none in a run just started
+        top = f"{excursions[0]['layer']} {excursions[0]['ratio']:.1f}×" if excursions else "—"
         attention = run.table("attention")
         lowest = largest = "—"
         if len(attention):
@@ -123,7 +125,7 @@ def r1_table(runs, round1) -> str:
         rows.append(f"| {run.path.parent.name}/{run.name} | {run.steps['step'].max() + 1} "
                     f"({run.meta.get('status')}) | {round1.pm(s['final_top1'], float('nan'), 100)} | "
                     f"{round1.pm(s['best_top1'], float('nan'), 100)} | {round1.drawdown_noise(run):.1f} | "
-                    f"{sum(s['spikes'].values())} | {len(ten_x)} | {top['layer']} {top['ratio']:.1f}× | {lowest} | "
+                    f"{sum(s['spikes'].values())} | {len(ten_x)} | {top} | {lowest} | "
                     f"{largest} | {_onset_cells(run, ten_x, norms.columns)} |")
     return "\n".join(rows)
 
@@ -239,6 +241,14 @@ def replay_tables(runs, round1) -> str:
     return "\n\n".join(out)
 
 
+def _logged(runs) -> list:
+    """The runs with at least one logged step: a sweep's next run may have just started."""
+    for run in runs:
+        if not len(run.steps):
+            print(f"skipping {run.path}: no step logged yet", file=sys.stderr)
+    return [run for run in runs if len(run.steps)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default="runs/findings2")
@@ -254,10 +264,9 @@ def main(argv=None) -> int:
     if COLLAPSE in sweeps:
         print(f"### {COLLAPSE}: attention and representation collapse at the hot lr\n\n"
               f"{collapse_table(load_runs([sweeps.pop(COLLAPSE)]))}\n")
-    control_sweeps = [path for name, path in sweeps.items() if name.startswith(CONTROLS)]
-    controls = load_runs(control_sweeps) if control_sweeps else []
     if sweeps:
-        runs = load_runs(list(sweeps.values()))
+        runs = _logged(load_runs(list(sweeps.values())))
+        controls = [run for run in runs if run.path.parent.name.startswith(CONTROLS)]
         print(f"### R1: long horizon, one row per run\n\n{r1_table(runs, round1)}\n")
         if controls:
             originals = [run for run in runs if run.path.parent.name == "r1_lr_hot"]
