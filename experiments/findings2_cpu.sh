@@ -49,7 +49,8 @@ stabilitylab sweep --out "$out/r3_eps" --grid optim.eps=2e-4,1e-3 --seeds 2 opti
 # projection's sqrt(v-hat) (its gradient RMS at 1.28e-1: 4-7e-4) at 2-3x eps
 stabilitylab sweep --out "$out/r3_unstable_eps" --config cpu_unstable --grid optim.eps=2e-4 --seeds 2 --jobs 2
 # Precision: bf16 autocast at the edge and where the instability is. Only on a CPU with native
-# bf16 (AVX512-BF16 / AMX) or a GPU: without it a bf16 step is ~6.6x an fp32 one
-# (python benchmarks/bench_precision.py --edge; fp16 ~6.9x)
-stabilitylab sweep --out "$out/r1_unstable_bf16" --config cpu_unstable --grid precision=bf16 --seeds 2 --jobs 2
+# bf16 (AVX512-BF16 / AMX) or a GPU: there a bf16 step is ~0.67x an fp32 one, without it ~6.6x
+# (python benchmarks/bench_precision.py --edge; fp16 ~7-8x on both CPUs). The r1_unstable_bf16
+# seeds of docs/findings.md ran one at a time (--jobs 1), ~27 minutes each on AVX512-BF16
+stabilitylab sweep --out "$out/r1_unstable_bf16" --config cpu_unstable --grid precision=bf16 --seeds 2 --jobs 1
 stabilitylab sweep --out "$out/precision" --grid precision=bf16 --seeds 2 optim.base_lr="$edge" "${C[@]}"

@@ -47,7 +47,7 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     assert experiment_script("findings_tables").main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 44 + 17 and all(r.meta["status"] == "finished" for r in runs)  # rounds 1 and 2
+    assert len(runs) == 44 + 19 and all(r.meta["status"] == "finished" for r in runs)  # rounds 1 and 2
     # S5: the batch sizes side by side, each with its length in steps
     s5 = out[out.index("### S5"):].split("\n\n")[1].splitlines()
     assert [row.split("|")[1:6] for row in s5[2:]] == [
@@ -99,7 +99,12 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
     lags = {line.split("|")[1].strip(): int(line.rsplit("|", 2)[1])
             for line in onsets.splitlines() if line.startswith(("| r1_lr_hot/", "| r1_unstable_"))}
     assert lags.pop("r1_unstable_frozen/patch_proj=frozen_seed1") == -89
+    # in bf16 the logit burst comes first in both seeds
+    assert [lags.pop(f"r1_unstable_bf16/precision=bf16_seed{s}") for s in (0, 1)] == [-68, -679]
     assert len(lags) >= 4 and all(lag > 0 for lag in lags.values()), lags
+    # bf16 reproduces the fp32 storm: kNN ~29-31% at step 1,399, ~20-22% by 1,599
+    assert "| r1_unstable_bf16/precision=bf16_seed0 | 29.8 | 29.8 | 29.3 | 21.7 |" in controls
+    assert "| r1_unstable_bf16/precision=bf16_seed1 | 29.2 | 29.2 | 28.1 | 20.6 |" in controls
     assert "| r1_unstable_frozen/patch_proj=frozen_seed1 | 30.1 | 30.3 | 30.3 | 20.7 |" in controls  # breaks late
     # the storm's window replayed: unchanged = the original bit for bit; the lower lr removes it
     replays = out[out.index("r1_lr_hot/base_lr=1.28e-1_seed0, steps 1100–1299 (replayed from step 1000):"):]
@@ -111,6 +116,26 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
     with pytest.raises(SystemExit) as exit_info:
         tables.main([str(tmp_path)])
     assert exit_info.value.code == 2 and "no collapse_tiny or r1_* sweep" in capsys.readouterr().err
+
+
+def test_findings2_tables_skip_a_run_that_has_not_logged_a_step(tmp_path, capsys):
+    """A sweep's next run, just started, has a run directory but no step yet: the tables of
+    the others still print (they once failed on it), and stderr says which run was left out."""
+    findings = SAMPLES / "findings"
+    (tmp_path / "r1_lr_hot").symlink_to(findings / "r1_lr_hot")
+    sweep = tmp_path / "r1_unstable_bf16"
+    sweep.mkdir()
+    (sweep / "precision=bf16_seed0").symlink_to(findings / "r1_unstable_bf16" / "precision=bf16_seed0")
+    started = sweep / "precision=bf16_seed1"
+    (started / "steps").mkdir(parents=True)
+    meta = json.loads((findings / "r1_unstable_bf16" / "precision=bf16_seed1" / "meta.json").read_text())
+    (started / "meta.json").write_text(json.dumps({**meta, "status": "running"}))
+    (started / "config.yaml").write_text((findings / "r1_unstable_bf16" / "precision=bf16_seed1" / "config.yaml").read_text())
+    assert experiment_script("findings2_tables").main([str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"skipping {started}: no step logged yet\n"
+    assert "| r1_unstable_bf16/precision=bf16_seed0 | 1600 (finished) | 21.7 |" in captured.out
+    assert "precision=bf16_seed1" not in captured.out
 
 
 def test_findings_figures_are_written_from_the_committed_runs(tmp_path):
