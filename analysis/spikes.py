@@ -41,10 +41,9 @@ class SpikeTest:
            one-step-ahead residuals; equal to the plain MAD on a flat series, a little
            larger, so more conservative, under a trend). Scale-free, robust to earlier spikes.
     sigma: (x - mean) / std of the previous `window` raw values (OLMo 2's rule is
-           sigma:7 with window=1000). Offline, pandas' rolling sums carry a rounding error
-           once values far larger than the window's have left it (relative 1e-9 in the
-           committed runs, 1e-5 after values 1e5x larger); the online twin's two-pass
-           mean / std is exact.
+           sigma:7 with window=1000), two-pass over each window offline and online:
+           running sums (pandas' rolling) drift once values far larger than the window's
+           have left it (1e-5 relative after values 1e5x larger).
     ratio: x / causal median, the paper-style effect size ("10x").
     """
 
@@ -131,8 +130,7 @@ class SpikeRule:
                                        MIN_LOG_SCALE)
                 scores["mad"] = resid / scale
             if "sigma" in self.methods:
-                past = pd.Series(x).rolling(self.window, min_periods=2)
-                mean, std = past.mean().shift(1).to_numpy(), past.std().shift(1).to_numpy()
+                mean, std = trailing_mean_std(x, self.window)
                 scores["sigma"] = (x - mean) / std
         return baseline, scores
 
@@ -406,9 +404,23 @@ def _upper_median(ring: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.where(counts > 0, out, np.nan)
 
 
+def trailing_mean_std(x: np.ndarray, window: int, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample standard deviation of the `window` values before each point (fewer
+    at the start, NaN below two), each window summed on its own (two-pass), so a value far
+    larger than the rest leaves no rounding behind once it has left the window. Windows are
+    strided views of the NaN-padded series, taken `chunk` elements at a time to bound memory."""
+    x = np.asarray(x, dtype=float)
+    windows = np.lib.stride_tricks.sliding_window_view(np.concatenate([np.full(window, np.nan), x]),
+                                                       window)[:len(x)]
+    rows = max(1, chunk // window)
+    parts = [_mean_std(windows[start:start + rows]) for start in range(0, len(x), rows)]
+    mean, std = zip(*parts) if parts else ((np.empty(0),), (np.empty(0),))
+    return np.concatenate(mean), np.concatenate(std)
+
+
 def _mean_std(ring: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, mean and sample standard deviation of the filled slots; NaN below two values
-    (pandas' rolling(min_periods=2), as the sigma test uses; equal up to rounding)."""
+    """Per row, mean and sample standard deviation of the filled (finite) slots, two-pass;
+    NaN below two values."""
     filled = np.isfinite(ring)
     count = filled.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
