@@ -28,11 +28,11 @@ stabilitylab replay "$out/r1_lr_hot/base_lr=1.28e-1_seed0" --at 1100 --steps 200
     --with "optim.betas=[0.9,0.95]" --with optim.base_lr=6.4e-2 --with optim.weight_decay=0.099
 # The controls from step 0 where the instability is (configs/cpu_unstable.yaml, peak lr 1.28e-1,
 # 1,600 steps; its runs without a control are r1_lr_hot's 1.28e-1 seeds): a frozen patch
-# projection (2 seeds), Adam beta2 0.95 and no warm-up (1 seed each; ~60-90 min a run two at a time)
+# projection, Adam beta2 0.95 and no warm-up (2 seeds each; ~50 min a run alone, 60-90 two at a time)
 stabilitylab sweep --out "$out/r1_unstable_frozen" --config cpu_unstable --grid model.patch_proj=frozen --seeds 2 --jobs 2
-stabilitylab sweep --out "$out/r1_unstable_beta2" --config cpu_unstable --grid optim.base_lr=1.28e-1 --seeds 1 \
+stabilitylab sweep --out "$out/r1_unstable_beta2" --config cpu_unstable --grid optim.base_lr=1.28e-1 --seeds 2 \
     "optim.betas=[0.9,0.95]" --jobs 2
-stabilitylab sweep --out "$out/r1_unstable_nowarmup" --config cpu_unstable --grid optim.warmup_steps=0 --seeds 1 --jobs 2
+stabilitylab sweep --out "$out/r1_unstable_nowarmup" --config cpu_unstable --grid optim.warmup_steps=0 --seeds 2 --jobs 2
 # R1 at the edge: seeds, and the controls (frozen projection, beta2 0.95, no warmup)
 stabilitylab sweep --out "$out/r1_edge" --grid model.patch_proj=learned,frozen --seeds 2 \
     optim.base_lr="$edge" "${C[@]}"

@@ -10,7 +10,7 @@ s5_knn_seeds_same_steps     batch 128 vs 512 over ~312 steps at base lr 1e-2 and
 s6_knn_seeds                LAMB vs AdamW at base lr 1e-2 and 1e-1 (learned projection)
 r1_knn_lr                   round 2, R1: the fresh-bank kNN of cpu_edge at every peak lr, 3,000 steps
 r1_unstable_controls        round 2: peak lr 1.28e-1 (cpu_unstable) as it is, with a frozen patch
-                            projection, beta2 0.95, eps 2e-4 or bf16 autocast from step 0
+                            projection, beta2 0.95, eps 2e-4, bf16 autocast or no warm-up from step 0
 A figure whose sweeps are missing is skipped.
 """
 from __future__ import annotations
@@ -33,9 +33,10 @@ FIGURES = {
                          keys=["optim.name", "optim.base_lr"]),
     "r1_knn_lr": dict(sweeps=["r1_lr", "r1_lr_hot"], patch_proj=("learned",), keys=["optim.base_lr"], x="step"),
     "r1_unstable_controls": dict(sweeps=["r1_lr_hot", "r1_unstable_frozen", "r1_unstable_beta2", "r1_unstable_bf16",
-                                         "r3_unstable_eps"],
+                                         "r1_unstable_nowarmup", "r3_unstable_eps"],
                                  patch_proj=("learned", "frozen"), base_lr=(0.128,),
-                                 keys=["model.patch_proj", "optim.betas", "optim.eps", "precision"], x="step"),
+                                 keys=["model.patch_proj", "optim.betas", "optim.eps", "precision", "optim.warmup_steps"],
+                                 x="step"),
 }
 
 

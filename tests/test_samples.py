@@ -47,7 +47,7 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     assert experiment_script("findings_tables").main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 44 + 21 and all(r.meta["status"] == "finished" for r in runs)  # rounds 1 and 2
+    assert len(runs) == 44 + 23 and all(r.meta["status"] == "finished" for r in runs)  # rounds 1 and 2
     # S5: the batch sizes side by side, each with its length in steps
     s5 = out[out.index("### S5"):].split("\n\n")[1].splitlines()
     assert [row.split("|")[1:6] for row in s5[2:]] == [
@@ -102,8 +102,9 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
             for line in onsets.splitlines() if line.startswith(("| r1_lr_hot/", "| r1_unstable_"))}
     assert lags.pop("r1_unstable_frozen/patch_proj=frozen_seed1") == -89
     assert lags.pop("r1_unstable_beta2/base_lr=1.28e-1_seed1") == -22
-    # in bf16 the logit burst comes first in both seeds
+    # in bf16 the logit burst comes first in both seeds, and without warm-up at the first read (step 10)
     assert [lags.pop(f"r1_unstable_bf16/precision=bf16_seed{s}") for s in (0, 1)] == [-68, -679]
+    assert [lags.pop(f"r1_unstable_nowarmup/warmup_steps=0_seed{s}") for s in (0, 1)] == [-240, -28]
     assert len(lags) >= 4 and all(lag > 0 for lag in lags.values()), lags
     # bf16 reproduces the fp32 storm: kNN ~29-31% at step 1,399, ~20-22% by 1,599
     assert "| r1_unstable_bf16/precision=bf16_seed0 | 29.8 | 29.8 | 29.3 | 21.7 |" in controls
