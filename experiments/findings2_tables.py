@@ -15,6 +15,8 @@ Controls (r1_unstable_* and R3's r3_unstable_*, from step 0 at cpu_unstable's pe
 them and for the r1_lr_hot runs at that lr, every run cut at the longest control's length (a control still running shows how far it got), with the
 fresh-bank kNN at fixed steps, and per run which moved first: the first >= 10x gradient spike
 or a block's max attention logit reaching 1,000.
+R2 (r2_*, batch 1024 with the linear lr rule): the fresh-bank kNN of each run and of the
+r1_lr_hot runs at the same base lr (batch 256) at equal numbers of images seen.
 """
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ CONTROL_KNN_STEPS = (799, 999, 1299, 1599)
 # a block's max attention logit at or above this is a burst: section C's collapsed first blocks
 # sit at 900-1,560, and no run that learns reaches it (6.4e-2: at most 718)
 LOGIT_BURST = 1000
+R2 = "r2_"
+# images seen at which R2 compares batch sizes: the batch-1024 evaluations at steps 99 ... 999,
+# which are the batch-256 ones at steps 399 ... 3999
+R2_IMAGES = tuple(102_400 * k for k in (1, 2, 3, 4, 5, 6, 7, 10))
 
 
 class FirstSteps:
@@ -194,6 +200,24 @@ def onset_table(controls, originals, round1) -> str:
     return "\n".join(rows)
 
 
+def r2_table(runs) -> str:
+    """Fresh-bank kNN at equal images seen (R2_IMAGES) for the R2 runs and the batch-256
+    r1_lr_hot runs at their base lr (so at a quarter of their peak lr under the linear rule)."""
+    big = [run for run in runs if run.path.parent.name.startswith(R2)]
+    lrs = {run.config_value("optim.base_lr") for run in big}
+    small = [run for run in runs if run.path.parent.name == "r1_lr_hot" and run.config_value("optim.base_lr") in lrs]
+    rows = ["| run | optimizer | batch | peak lr | steps | "
+            + " | ".join(f"kNN % at {n // 1000}k images" for n in R2_IMAGES) + " |", "|---|" + "---|" * (4 + len(R2_IMAGES))]
+    for run in [*small, *big]:
+        batch = run.config_value("optim.batch_size")
+        val = knn_curves(run.knn)["val"]["top1"]
+        cells = ["—" if n // batch - 1 not in val.index else f"{100 * val[n // batch - 1]:.1f}" for n in R2_IMAGES]
+        rows.append(f"| {run.path.parent.name}/{run.name} | {run.config_value('optim.name')} | {batch} | "
+                    f"{run.config_value('optim.base_lr') * batch / 256:g} | {run.steps['step'].max() + 1} | "
+                    + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def precursors(runs, round1) -> str:
     """The precursor table of every run with spike events, its events pooled per run."""
     out = []
@@ -257,9 +281,9 @@ def main(argv=None) -> int:
     if not out.is_dir():
         parser.error(f"{out} is not a folder: pass the folder that holds the round-2 sweeps (e.g. runs/findings2)")
     sweeps = {p.name: p for p in sorted(out.iterdir())
-              if p.is_dir() and (p.name == COLLAPSE or p.name.startswith(("r1_", *CONTROLS))) and any(map(is_run_dir, p.iterdir()))}
+              if p.is_dir() and (p.name == COLLAPSE or p.name.startswith(("r1_", R2, *CONTROLS))) and any(map(is_run_dir, p.iterdir()))}
     if not sweeps:
-        parser.error(f"no {COLLAPSE} or r1_* sweep with runs under {out}")
+        parser.error(f"no {COLLAPSE}, r1_* or r2_* sweep with runs under {out}")
     round1 = _round1()
     if COLLAPSE in sweeps:
         print(f"### {COLLAPSE}: attention and representation collapse at the hot lr\n\n"
@@ -277,6 +301,8 @@ def main(argv=None) -> int:
         print(f"### R1: which signal moved first (lookback 50 steps)\n\n{precursors(runs, round1)}")
         if replays := replay_tables(runs, round1):
             print(f"\n### R1: the spikes replayed with each mitigation\n\n{replays}")
+        if any(run.path.parent.name.startswith(R2) for run in runs):
+            print(f"\n### R2: batch 1024 against batch 256, at equal images seen\n\n{r2_table(runs)}")
     return 0
 
 

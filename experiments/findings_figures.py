@@ -11,7 +11,10 @@ s6_knn_seeds                LAMB vs AdamW at base lr 1e-2 and 1e-1 (learned proj
 r1_knn_lr                   round 2, R1: the fresh-bank kNN of cpu_edge at every peak lr, 3,000 steps
 r1_unstable_controls        round 2: peak lr 1.28e-1 (cpu_unstable) as it is, with a frozen patch
                             projection, beta2 0.95, eps 2e-4, bf16 autocast or no warm-up from step 0
-A figure whose sweeps are missing is skipped.
+r2_batch1024                round 2, R2: AdamW and LAMB at batch 1024 (linear lr rule) against AdamW
+                            at batch 256 and the same base lr 6.4e-2, by epoch (= images seen)
+A figure whose sweeps are missing is skipped; finished and interrupted runs count (an
+interrupted one shows how far it got).
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ FIGURES = {
                                  patch_proj=("learned", "frozen"), base_lr=(0.128,),
                                  keys=["model.patch_proj", "optim.betas", "optim.eps", "precision", "optim.warmup_steps"],
                                  x="step"),
+    "r2_batch1024": dict(sweeps=["r1_lr_hot", "r2_batch1024"], patch_proj=("learned",), base_lr=(0.064,),
+                         keys=["optim.name", "optim.batch_size"], x="epoch"),
 }
 
 
@@ -54,7 +59,7 @@ def main(argv=None) -> int:
         if not all(folder.is_dir() for folder in folders):
             print(f"skip {name}: missing {', '.join(str(f) for f in folders if not f.is_dir())}")
             continue
-        runs = [run for run in load_runs(folders) if run.meta.get("status") == "finished"
+        runs = [run for run in load_runs(folders) if run.meta.get("status") in ("finished", "interrupted")
                 and run.config_value("model.patch_proj") in spec["patch_proj"]
                 and run.config_value("optim.base_lr") in spec.get("base_lr", [run.config_value("optim.base_lr")])]
         runs.sort(key=lambda run: [run.config_value(key) for key in spec["keys"]])  # legend order
