@@ -202,8 +202,11 @@ def onset_table(controls, originals, round1) -> str:
 
 def r2_table(runs) -> str:
     """Fresh-bank kNN at equal images seen (R2_IMAGES) for the R2 runs and the batch-256
-    r1_lr_hot runs at their base lr (so at a quarter of their peak lr under the linear rule)."""
+    r1_lr_hot runs at their base lr (so at a quarter of their peak lr under the linear rule);
+    empty without R2 runs. The peak lr is the largest the run's steps used."""
     big = [run for run in runs if run.path.parent.name.startswith(R2)]
+    if not big:
+        return ""
     lrs = {run.config_value("optim.base_lr") for run in big}
     small = [run for run in runs if run.path.parent.name == "r1_lr_hot" and run.config_value("optim.base_lr") in lrs]
     rows = ["| run | optimizer | batch | peak lr | steps | "
@@ -213,7 +216,7 @@ def r2_table(runs) -> str:
         val = knn_curves(run.knn)["val"]["top1"]
         cells = ["—" if n // batch - 1 not in val.index else f"{100 * val[n // batch - 1]:.1f}" for n in R2_IMAGES]
         rows.append(f"| {run.path.parent.name}/{run.name} | {run.config_value('optim.name')} | {batch} | "
-                    f"{run.config_value('optim.base_lr') * batch / 256:g} | {run.steps['step'].max() + 1} | "
+                    f"{run.steps['lr'].max():g} | {run.steps['step'].max() + 1} | "
                     + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -301,8 +304,8 @@ def main(argv=None) -> int:
         print(f"### R1: which signal moved first (lookback 50 steps)\n\n{precursors(runs, round1)}")
         if replays := replay_tables(runs, round1):
             print(f"\n### R1: the spikes replayed with each mitigation\n\n{replays}")
-        if any(run.path.parent.name.startswith(R2) for run in runs):
-            print(f"\n### R2: batch 1024 against batch 256, at equal images seen\n\n{r2_table(runs)}")
+        if r2 := r2_table(runs):
+            print(f"\n### R2: batch 1024 against batch 256, at equal images seen\n\n{r2}")
     return 0
 
 
