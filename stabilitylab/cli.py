@@ -304,7 +304,7 @@ def _train(args, cfg, run_dir: Path, lock, rank: int) -> int:
         return RunWriter(run_dir, flush_every_steps=cfg.log.flush_every_steps,
                          flush_every_s=cfg.log.flush_every_s, resume_step=resume_step, lock=lock)
 
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # schedulers send SIGTERM first
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # schedulers send SIGTERM first
     writer, status, error, code = None, "failed", None, 1
     try:
         if rank == 0 and not args.resume:
@@ -409,10 +409,6 @@ def _close_run(writer, status: str, error: str | None, code: int) -> tuple[str, 
     except OSError:
         pass  # rows the disk refused stay unwritten; the lock is released all the same
     return status, error, code
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- report / analyze / compare

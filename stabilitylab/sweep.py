@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from stabilitylab.config import ConfigError
 
 SWEEP_FILE = "sweep.json"
+INTERRUPTED = 130  # the exit status of `stabilitylab train` stopped by SIGINT / SIGTERM
 
 
 @dataclass
@@ -151,13 +153,15 @@ def cmd_sweep(args) -> int:
         for run in todo:
             print(shlex.join(train_command(run, args.config, args.launcher)))
         return 0
-    failed = _run_all(todo, args.config, args.launcher, args.jobs)
+    failed, interrupted = _run_all(todo, args.config, args.launcher, args.jobs)
     _print_comparison(runs)
+    if interrupted:
+        print(f"{len(interrupted)} run(s) interrupted: {', '.join(r.name for r in interrupted)}; "
+              "rerun the same command to resume them", file=sys.stderr)
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(r.name for r in failed)} "
               f"(logs: {out}/<run>.log); rerun the same command to retry", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed else INTERRUPTED if interrupted else 0
 
 
 def run_threads(run: SweepRun, share: int) -> int:
@@ -166,33 +170,59 @@ def run_threads(run: SweepRun, share: int) -> int:
     return int(given[-1]) if given and given[-1].isdigit() and int(given[-1]) > 0 else share
 
 
-def _run_all(runs: list[SweepRun], config: str | None, launcher: str, jobs: int) -> list[SweepRun]:
+def _run_all(runs: list[SweepRun], config: str | None, launcher: str,
+             jobs: int) -> tuple[list[SweepRun], list[SweepRun]]:
     """Run `jobs` at a time (1 for torchrun), each with an equal share of the CPU threads
-    unless the sweep's overrides set `threads`."""
+    unless the sweep's overrides set `threads`. Returns the failed and the interrupted runs.
+
+    Each run gets its own session, so a Ctrl-C (or SIGTERM) reaches the sweep alone; the
+    sweep then starts nothing new and passes one SIGINT to each active run, which stops
+    after its current step with a checkpoint (a second one would stop it at once)."""
     jobs = 1 if launcher == "torchrun" else jobs
     share = max(1, (os.cpu_count() or 1) // jobs)
-    pending, active, failed = list(runs), [], []
-    while pending or active:
-        while pending and len(active) < jobs:
-            run = pending.pop(0)
-            threads = run_threads(run, share)
-            cmd = train_command(run, config, launcher)
-            if launcher == "local":
-                cmd += [f"threads={threads}", "log.progress=false"]
-            log = open(log_path(run), "a")
-            print(f"start {run.name}")
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            active.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        time.sleep(0.5)
+    pending, active, failed, interrupted = list(runs), [], [], []
+
+    def collect(item) -> None:
+        run, proc, log = item
+        active.remove(item)
+        log.close()
+        if proc.returncode == 0:
+            print(f"done    {run.name}")
+        elif proc.returncode == INTERRUPTED:
+            print(f"stopped {run.name}")
+            interrupted.append(run)
+        else:
+            print(f"FAILED  {run.name}")
+            failed.append(run)
+
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while pending or active:
+            while pending and len(active) < jobs:
+                run = pending.pop(0)
+                threads = run_threads(run, share)
+                cmd = train_command(run, config, launcher)
+                if launcher == "local":
+                    cmd += [f"threads={threads}", "log.progress=false"]
+                log = open(log_path(run), "a")
+                print(f"start   {run.name}")
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                active.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                     start_new_session=True), log))
+            time.sleep(0.5)
+            for item in [a for a in active if a[1].poll() is not None]:
+                collect(item)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {len(active)} run(s) finish their current step and save a "
+              "checkpoint", file=sys.stderr)
+        for _, proc, _ in active:
+            proc.send_signal(signal.SIGINT)
         for item in list(active):
-            run, proc, log = item
-            if proc.poll() is not None:
-                active.remove(item)
-                log.close()
-                print(f"{'done  ' if proc.returncode == 0 else 'FAILED'} {run.name}")
-                if proc.returncode != 0:
-                    failed.append(run)
-    return failed
+            item[1].wait()
+            collect(item)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return failed, interrupted
 
 
 def _print_comparison(runs: list[SweepRun]) -> None:

@@ -117,3 +117,26 @@ def test_comparison_adds_the_seed_spread_when_there_are_seeds(tmp_path, capsys):
     assert "mean and standard deviation over seeds" in out
     spread = out.split("over seeds:")[1].splitlines()
     assert "n_seeds" in spread[1] and spread[2].split()[1] == "3"
+
+
+@pytest.mark.slow
+def test_a_stopped_sweep_stops_its_runs_with_a_checkpoint_and_calls_them_interrupted(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "sweep"
+    long = [*TINY, "optim.epochs=2000", "log.flush_every_steps=1", "knn.every=1000"]
+    sweep = subprocess.Popen([sys.executable, "-m", "stabilitylab", "sweep", "--grid", "model.patch_proj=learned",
+                              "--out", str(out), *long], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = out / "patch_proj=learned_seed0"
+    deadline = time.monotonic() + 120
+    while not list((run / "steps").glob("**/*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # training has begun once a step row is on disk
+    sweep.send_signal(signal.SIGTERM)  # what a scheduler sends; it reaches the sweep alone
+    stdout, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, stderr
+    assert "1 run(s) interrupted: patch_proj=learned_seed0; rerun the same command to resume them" in stderr
+    assert "failed" not in stderr and "stopped patch_proj=learned_seed0" in stdout
+    loaded = sl.load_run(run)
+    assert loaded.meta["status"] == "interrupted" and list((run / "checkpoints").glob("step-*.pt"))
+    assert 0 < len(loaded.steps) < 2000 * 3
