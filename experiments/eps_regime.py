@@ -23,13 +23,14 @@ from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.methods import build_method
 from trainer.optim import build_optimizer
 from trainer.probes import named_grouping
+from trainer.schedules import scaled_lr
 
 
 def median_sqrt_v(run_dir: Path, checkpoint) -> dict[str, float]:
     """Per layer group: the median over its entries of sqrt(v-hat) at that checkpoint."""
     cfg = config_from_run(run_dir)
     model = build_method(cfg)
-    optimizer = build_optimizer(model, cfg.optim, cfg.optim.base_lr * cfg.optim.batch_size / 256,
+    optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size),
                                 torch.device("cpu"))
     state = load_checkpoint(checkpoint)
     model.load_state_dict(state["model"])

@@ -33,6 +33,7 @@ from stabilitylab.rundir import (CONFIG_FILE, RunWriter, atomic_write_text, is_r
 if TYPE_CHECKING:  # stabilitylab.run (pandas) is imported where runs are read, not for --help
     from stabilitylab.run import Run
 from trainer.config import config_differences
+from trainer.schedules import scaled_lr
 
 REPLAYS = "replays"
 SOURCE = "stabilitylab replay"
@@ -145,7 +146,7 @@ def apply_mitigation(trainer, cfg, parent) -> None:
         if group["weight_decay"] == parent.optim.weight_decay:  # groups without decay keep 0
             group["weight_decay"] = cfg.optim.weight_decay
     trainer.cfg = cfg
-    trainer.peak_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256
+    trainer.peak_lr = scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size)
     if cfg.model.patch_proj == parent.model.patch_proj:
         return
     from trainer.model import patch_proj_parameters

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from trainer.config import PROBE_PROTOCOLS, ProbeConfig
 from trainer.data import Datasets, PlainDataset, linear_probe_transform
 from trainer.model import build_backbone
+from trainer.schedules import scaled_lr
 
 BN_EPS = 1e-6  # the BatchNorm before the classifier (MAE's main_linprobe value)
 
@@ -149,7 +150,7 @@ def probe_official(backbone, data: Datasets, cfg: ProbeConfig, *, device, precis
     torch.manual_seed(cfg.seed)
     nn.init.normal_(head[-1].weight, std=0.01)  # main_lincls.py
     nn.init.zeros_(head[-1].bias)
-    lr = cfg.base_lr * batch / 256
+    lr = scaled_lr(cfg.base_lr, batch)
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)  # per epoch

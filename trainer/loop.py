@@ -49,7 +49,7 @@ from trainer.optim import build_optimizer, set_lr
 from trainer.probes import GradientProbe
 from trainer.probes_attention import AttentionProbe
 from trainer.probes_optim import OptimizerStateProbe
-from trainer.schedules import lr_at, momentum_at
+from trainer.schedules import lr_at, momentum_at, scaled_lr
 
 SPIKE_CHECKPOINTS = "spikes"  # on_spike=checkpoint writes RUN_DIR/spikes/checkpoints/step-N.pt
 
@@ -199,7 +199,7 @@ class Trainer:
             self.ddp = self.model
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.momentum = torch.tensor(cfg.moco.m, device=self.device)  # refilled every step
-        self.peak_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256
+        self.peak_lr = scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.clip_params = patch_proj_parameters(self.model.backbone) if cfg.model.patch_proj == "clip" else []

@@ -18,6 +18,12 @@ def _epoch(step: int, steps_per_epoch: int, epochs: float) -> float:
 
 
 SCHEDULES = ("cosine", "constant")
+REFERENCE_BATCH = 256  # the linear scaling rule's reference batch (Goyal et al. 2017; MoCo v3)
+
+
+def scaled_lr(base_lr: float, batch: int) -> float:
+    """The linear scaling rule: lr = base_lr * batch / 256, `base_lr` being per 256 images."""
+    return base_lr * batch / REFERENCE_BATCH
 
 
 def lr_at(step: int, *, base_lr: float, global_batch: int, steps_per_epoch: int,
@@ -30,7 +36,7 @@ def lr_at(step: int, *, base_lr: float, global_batch: int, steps_per_epoch: int,
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
-    peak = base_lr * global_batch / 256
+    peak = scaled_lr(base_lr, global_batch)
     epoch = _epoch(step, steps_per_epoch, epochs)
     if epoch < warmup_epochs:
         return peak * epoch / warmup_epochs
