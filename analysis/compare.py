@@ -42,7 +42,7 @@ def config_table(runs) -> pd.DataFrame:
 # (meta.json records the thread count used). Ask for a key (compare_runs(by=...),
 # setting_labels(keys=...)) to see it.
 RUNTIME_KEYS = frozenset({
-    "threads", "keep_heap", "log.progress", "log.flush_every_steps", "log.flush_every_s",
+    "threads", "keep_heap", "flush_denormal", "log.progress", "log.flush_every_steps", "log.flush_every_s",
     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.keep_spikes", "data.num_workers", "data.cache_dir"})
 
 
