@@ -27,6 +27,7 @@ COMMANDS = {
     "monitor": [sys.executable, str(BENCH / "bench_monitor.py"), "--quick"],
     "detectors": [sys.executable, str(BENCH / "bench_detectors.py"), "--quick"],
     "heap": [sys.executable, str(BENCH / "bench_heap.py"), "--quick"],
+    "denormal": [sys.executable, str(BENCH / "bench_denormal.py"), "--quick"],
     "precision": [sys.executable, str(BENCH / "bench_precision.py"), "--quick"],
 }
 
@@ -182,6 +183,14 @@ def test_bench_heap_quick(runs):
     assert 0.2 < number(measured) < 5 and status == "info"
     faults = {arm: float(n) for arm, n in re.findall(r"keep_heap=(on|off) .* (\d+) page faults a step", text)}
     assert faults["on"] < faults["off"] / 2, faults  # the setting reached the child (4-100x fewer)
+
+
+def test_bench_denormal_quick(runs):
+    text = finished(runs, "denormal")
+    measured, _, status = one(results(text), "6 flush_denormal: step time off / on (cpu time)")
+    assert 0.2 < number(measured) < 20 and status == "info"
+    mm = {arm: float(share) for arm, share in re.findall(r"flush_denormal=(on|off) .* a step; aten::mm (\d+)% of it", text)}
+    assert mm["off"] > 1.5 * mm["on"], mm  # the planted saturation makes subnormal gradients (47% vs 12%)
 
 
 def test_bench_detectors_quick(runs):
