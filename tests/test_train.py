@@ -1,6 +1,9 @@
 """The training loop end to end on a tiny synthetic model: tables written, NaN handling,
 patch-projection clipping, resume equivalence and DDP (gloo x2) equivalence."""
 
+import json
+import platform
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -162,6 +165,9 @@ def test_a_mid_epoch_resume_supersedes_rows_and_reproduces_the_uninterrupted_run
     assert main(["train", "--out", str(interrupted), *TINY, "checkpoint.every_steps=4", "optim.max_steps=10"]) == 0
     (interrupted / "checkpoints" / "step-00000009.pt").unlink()
     assert 9 in set(sl.load_run(interrupted).knn.query("source == 'val'")["step"])
+    meta = json.loads((interrupted / "meta.json").read_text())
+    del meta["threads"], meta["flush_denormal"]  # the resumed process records its own
+    (interrupted / "meta.json").write_text(json.dumps(meta))
     assert main(["train", "--resume", str(interrupted), "optim.max_steps=null"]) == 0
     straight, resumed = sl.load_run(straight), sl.load_run(interrupted)
     pd.testing.assert_frame_equal(straight.steps[SAME], resumed.steps[SAME])
@@ -169,6 +175,7 @@ def test_a_mid_epoch_resume_supersedes_rows_and_reproduces_the_uninterrupted_run
     pd.testing.assert_frame_equal(straight.knn, resumed.knn)
     assert resumed.events.query("kind == 'resumed'")["step"].tolist() == [8]
     assert resumed.meta["status"] == "finished"
+    assert resumed.meta["threads"] == 1 and resumed.meta["flush_denormal"] is (platform.machine() in ("x86_64", "AMD64"))
     assert resumed.meta["resume_overrides"] == ["optim.max_steps=null"]
     assert [(c["key"], c["checkpoint"], c["now"]) for c in resumed.meta["config_changes"]] == [
         ("optim.max_steps", 10, None)]

@@ -163,13 +163,11 @@ class Trainer:
         threads = cfg.threads or (cpu_threads(cfg.data.num_workers) if self.device.type == "cpu" else None)
         if threads:
             torch.set_num_threads(threads)
-        self.writer.update_meta(threads=torch.get_num_threads())  # float sums depend on it
         if cfg.keep_heap and self.device.type == "cpu":
             keep_freed_memory()
         # x86 CPUs take ~100x longer per op on subnormal inputs; flush-to-zero (process-wide,
         # as torch.set_num_threads) changes only values below 1.2e-38 (fp32)
-        flushed = self.device.type == "cpu" and cfg.flush_denormal and torch.set_flush_denormal(True)
-        self.writer.update_meta(flush_denormal=bool(flushed))
+        self.flush_denormal = bool(self.device.type == "cpu" and cfg.flush_denormal and torch.set_flush_denormal(True))
         self.precision = pick_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -637,6 +635,8 @@ class Trainer:
         self.writer.update_meta(device=str(self.device) if self.device.type == "cpu"
                                 else torch.cuda.get_device_name(self.device),
                                 world_size=self.world, precision=self.precision,
+                                threads=torch.get_num_threads(),  # float sums depend on it
+                                flush_denormal=self.flush_denormal,
                                 total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                                 source=self.source,
                                 first_layer=self.probe.grouping.first_layer,
