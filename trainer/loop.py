@@ -90,6 +90,11 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def _flushing_denormals() -> bool:
+    """Whether this thread's CPU now computes subnormal floats as 0 (torch has no getter)."""
+    return (torch.tensor([1e-39]) * torch.tensor([1.0])).item() == 0.0
+
+
 def cpu_threads(num_workers: int) -> int:
     """torch threads for training on the CPU: the cores the data workers leave free (more
     threads than free cores make OpenMP spin-wait, several times slower on a small machine)."""
@@ -165,9 +170,6 @@ class Trainer:
             torch.set_num_threads(threads)
         if cfg.keep_heap and self.device.type == "cpu":
             keep_freed_memory()
-        # x86 CPUs take ~100x longer per op on subnormal inputs; flush-to-zero (process-wide,
-        # as torch.set_num_threads) changes only values below 1.2e-38 (fp32)
-        self.flush_denormal = bool(self.device.type == "cpu" and cfg.flush_denormal and torch.set_flush_denormal(True))
         self.precision = pick_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -630,13 +632,32 @@ class Trainer:
         flag = torch.tensor(float(self.stop_requested), device=self.device)
         return bool(dist_utils.all_reduce_mean(flag) > 0)
 
+    def _flush_denormals_while_training(self) -> bool | None:
+        """On a CPU with `flush_denormal`, compute subnormal floats as 0 until fit() ends: x86
+        cores take ~100x longer per op on them, and collapsed attention makes many; only values
+        below 1.2e-38 (fp32) change. The setting is the calling thread's floating-point state
+        (numpy's too), so fit() puts back what it found. Returns that, None if untouched."""
+        if self.device.type != "cpu" or not self.cfg.flush_denormal:
+            return None
+        was_on = _flushing_denormals()
+        return was_on if torch.set_flush_denormal(True) else None
+
     def fit(self) -> None:
+        """Train from self.step to total_steps (Ctrl-C / SIGTERM: stop after the step, with a checkpoint)."""
+        flush_was = self._flush_denormals_while_training()
+        try:
+            self._fit()
+        finally:
+            if flush_was is not None:
+                torch.set_flush_denormal(flush_was)
+
+    def _fit(self) -> None:
         cfg = self.cfg
         self.writer.update_meta(device=str(self.device) if self.device.type == "cpu"
                                 else torch.cuda.get_device_name(self.device),
                                 world_size=self.world, precision=self.precision,
                                 threads=torch.get_num_threads(),  # float sums depend on it
-                                flush_denormal=self.flush_denormal,
+                                flush_denormal=_flushing_denormals(),
                                 total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                                 source=self.source,
                                 first_layer=self.probe.grouping.first_layer,
