@@ -634,7 +634,7 @@ class Trainer:
 
     def _flush_denormals_while_training(self) -> bool | None:
         """On a CPU with `flush_denormal`, compute subnormal floats as 0 until fit() ends: x86
-        cores take ~100x longer per op on them, and collapsed attention makes many; only values
+        cores multiply them far slower (a collapsed run's step 7.6x, docs/benchmarks.md); only values
         below 1.2e-38 (fp32) change. The setting is the calling thread's floating-point state
         (numpy's too), so fit() puts back what it found. Returns that, None if untouched."""
         if self.device.type != "cpu" or not self.cfg.flush_denormal:
