@@ -208,7 +208,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the forward (worth it on a GPU; minutes of warm-up on a CPU)
     threads: Optional[int] = None  # torch CPU threads; None: on a CPU the cores data workers leave free
     keep_heap: bool = True  # on a CPU, glibc keeps freed step memory instead of page-faulting it back every step
-    flush_denormal: bool = True  # on a CPU, compute subnormal floats as 0 (collapsed attention makes many: ~7x slower steps)
+    flush_denormal: bool = True  # on a CPU, compute subnormal floats as 0 (a collapse makes many: ~7x slower steps on Intel)
     model: ModelConfig = field(default_factory=ModelConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -633,10 +633,11 @@ class Trainer:
         return bool(dist_utils.all_reduce_mean(flag) > 0)
 
     def _flush_denormals_while_training(self) -> bool | None:
-        """On a CPU with `flush_denormal`, compute subnormal floats as 0 until fit() ends: x86
-        cores multiply them far slower (a collapsed run's step 7.6x, docs/benchmarks.md); only values
-        below 1.2e-38 (fp32) change. The setting is the calling thread's floating-point state
-        (numpy's too), so fit() puts back what it found. Returns that, None if untouched."""
+        """On a CPU with `flush_denormal`, compute subnormal floats as 0 until fit() ends: some
+        x86 cores multiply them far slower (a collapsed run's step 7.6x on an Intel Xeon, none on
+        an AMD Zen 4; docs/benchmarks.md); only values below 1.2e-38 (fp32) change. The setting
+        is the calling thread's floating-point state (numpy's too), so fit() puts back what it
+        found. Returns that, None if untouched."""
         if self.device.type != "cpu" or not self.cfg.flush_denormal:
             return None
         was_on = _flushing_denormals()
