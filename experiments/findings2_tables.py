@@ -16,7 +16,8 @@ them and for the r1_lr_hot runs at that lr, every run cut at the longest control
 fresh-bank kNN at fixed steps, and per run which moved first: the first >= 10x gradient spike
 or a block's max attention logit reaching 1,000.
 R2 (r2_*, batch 1024 with the linear lr rule): the fresh-bank kNN of each run and of the
-r1_lr_hot runs at the same base lr (batch 256) at equal numbers of images seen.
+r1_lr_hot runs at the same base lr (batch 256) at equal numbers of images seen, and for the same
+runs how far a step moves the blocks' weights (update / weight norm) and where their norm goes.
 """
 from __future__ import annotations
 
@@ -200,24 +201,57 @@ def onset_table(controls, originals, round1) -> str:
     return "\n".join(rows)
 
 
+def r2_runs(runs) -> list:
+    """The R2 runs after the batch-256 r1_lr_hot runs at their base lr; empty without R2 runs."""
+    big = [run for run in runs if run.path.parent.name.startswith(R2)]
+    lrs = {run.config_value("optim.base_lr") for run in big}
+    small = [run for run in runs if run.path.parent.name == "r1_lr_hot" and run.config_value("optim.base_lr") in lrs]
+    return [*small, *big] if big else []
+
+
 def r2_table(runs) -> str:
     """Fresh-bank kNN at equal images seen (R2_IMAGES) for the R2 runs and the batch-256
     r1_lr_hot runs at their base lr (so at a quarter of their peak lr under the linear rule);
     empty without R2 runs. The peak lr is the largest the run's steps used."""
-    big = [run for run in runs if run.path.parent.name.startswith(R2)]
-    if not big:
+    compared = r2_runs(runs)
+    if not compared:
         return ""
-    lrs = {run.config_value("optim.base_lr") for run in big}
-    small = [run for run in runs if run.path.parent.name == "r1_lr_hot" and run.config_value("optim.base_lr") in lrs]
     rows = ["| run | optimizer | batch | peak lr | steps | "
             + " | ".join(f"kNN % at {n // 1000}k images" for n in R2_IMAGES) + " |", "|---|" + "---|" * (4 + len(R2_IMAGES))]
-    for run in [*small, *big]:
+    for run in compared:
         batch = run.config_value("optim.batch_size")
         val = knn_curves(run.knn)["val"]["top1"]
         cells = ["—" if n // batch - 1 not in val.index else f"{100 * val[n // batch - 1]:.1f}" for n in R2_IMAGES]
         rows.append(f"| {run.path.parent.name}/{run.name} | {run.config_value('optim.name')} | {batch} | "
                     f"{run.steps['lr'].max():g} | {run.steps['step'].max() + 1} | "
                     + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def r2_weights_table(runs) -> str:
+    """For the runs of r2_table: the blocks' weights (every `blocks.N` layer together) — the
+    median ratio of a step's update norm to their norm once the lr is at its peak, their norm
+    at the end of warm-up, its smallest value after that and at the last step (each relative to
+    step 0), and the steps at which every block's gradient was exactly zero."""
+    compared = r2_runs(runs)
+    if not compared:
+        return ""
+    rows = ["| run | optimizer | batch | update / weight norm at peak lr (median, 10–90%) | norm at end of warm-up | "
+            "smallest after (step) | at the last step | steps with zero block gradients |", "|---|" + "---|" * 7]
+    for run in compared:
+        layers = run.layers[run.layers["layer"].astype(str).str.fullmatch(BLOCK)]
+        wide = layers.pivot_table(index="step", columns="layer", values=["param_l2", "update_l2", "grad_l2"])
+        norm = (wide["param_l2"] ** 2).sum(axis=1) ** 0.5
+        ratio = (wide["update_l2"] ** 2).sum(axis=1) ** 0.5 / norm
+        peak = run.steps.set_index("step")["lr"]
+        at_peak = ratio[ratio.index.isin(peak.index[peak >= peak.max()])]
+        warmup = run.config_value("optim.warmup_steps")
+        after = norm[norm.index >= warmup]
+        zero = int((wide["grad_l2"].max(axis=1) == 0).sum())
+        rows.append(f"| {run.path.parent.name}/{run.name} | {run.config_value('optim.name')} | "
+                    f"{run.config_value('optim.batch_size')} | {at_peak.median():.3f} ({at_peak.quantile(0.1):.3f}–"
+                    f"{at_peak.quantile(0.9):.3f}) | {norm.get(warmup, float('nan')) / norm.iloc[0]:.3g} | "
+                    f"{after.min() / norm.iloc[0]:.3g} ({after.idxmin()}) | {norm.iloc[-1] / norm.iloc[0]:.3g} | {zero} |")
     return "\n".join(rows)
 
 
@@ -306,6 +340,7 @@ def main(argv=None) -> int:
             print(f"\n### R1: the spikes replayed with each mitigation\n\n{replays}")
         if r2 := r2_table(runs):
             print(f"\n### R2: batch 1024 against batch 256, at equal images seen\n\n{r2}")
+            print(f"\n### R2: the blocks' weights, step size and norm\n\n{r2_weights_table(runs)}")
     return 0
 
 

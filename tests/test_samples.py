@@ -47,7 +47,7 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     assert experiment_script("findings_tables").main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 44 + 25  # rounds 1 and 2
+    assert len(runs) == 44 + 27  # rounds 1 and 2
     assert all(r.meta["status"] == "finished" for r in runs)
     # S5: the batch sizes side by side, each with its length in steps
     s5 = out[out.index("### S5"):].split("\n\n")[1].splitlines()
@@ -127,6 +127,16 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
     assert "| r2_batch1024/optim=lamb_seed0 | lamb | 1024 | 0.256 | 1000 | 28.4 | 19.1 | 12.3 | 15.3 | 10.6 |" in r2
     assert "| r2_batch1024/optim=adamw_seed0 | 1000 (finished) | 16.3 | 32.1 | 30.3 | 113 | 113 | cls_token 976.2× |" in out
     assert "| r2_batch1024/optim=lamb_seed0 | 1000 (finished) | 9.9 | 29.2 | 49.1 | 623 | 623 | norm 3923.6× |" in out
+    # R2's second seeds: both break as seed 0 did, and the blocks' step size and weight norm
+    # say how: LAMB's step is a quarter of the blocks' norm, AdamW's a twentieth
+    assert ("| r2_batch1024/optim=adamw_seed1 | adamw | 1024 | 0.256 | 1000 | 30.5 | 30.3 | 30.2 | 20.5 | 19.5 | 16.2 "
+            "| 16.0 | 13.4 |") in r2
+    assert "| r2_batch1024/optim=lamb_seed1 | lamb | 1024 | 0.256 | 1000 | 29.1 | 14.4 | 13.6 | 15.7 | 13.5 |" in r2
+    assert "| r2_batch1024/optim=lamb_seed1 | 1000 (finished) | 11.9 | 29.1 | 44.1 | 688 | 688 |" in out
+    weights = out[out.index("### R2: the blocks' weights"):].split("\n\n")[1]
+    assert "| r2_batch1024/optim=adamw_seed1 | adamw | 1024 | 0.046 (0.026–0.085) | 1.8 | 0.974 (917) | 2.24 | 0 |" in weights
+    assert "| r2_batch1024/optim=lamb_seed0 | lamb | 1024 | 0.261 (0.225–0.300) | 0.79 | 3.82e-08 (999) | 3.82e-08 | 162 |" in weights
+    assert "| r2_batch1024/optim=lamb_seed1 | lamb | 1024 | 0.254 (0.223–0.306) |" in weights
     with pytest.raises(SystemExit) as exit_info:
         tables.main([str(tmp_path)])
     assert exit_info.value.code == 2 and "no collapse_tiny, r1_* or r2_* sweep" in capsys.readouterr().err
@@ -303,6 +313,34 @@ def test_eps_regime_reads_adam_state_per_group_from_checkpoints(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         eps_regime.main([str(run_dir), "--steps", "999"])
     assert exit_info.value.code == 2
+
+
+def test_block_gains_reads_each_branch_gain_from_checkpoints(tmp_path, capsys):
+    """experiments/block_gains.py: the RMS of every block's norm1 / norm2 gain per checkpoint,
+    against the checkpoint's tensors read directly; a folder without checkpoints is an error."""
+    import torch
+    from stabilitylab.cli import main
+    from test_train import TINY
+    from trainer.checkpoint import list_checkpoints
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out", str(run_dir), *TINY, "optim.max_steps=4", "knn.enabled=false"]) == 0
+    capsys.readouterr()
+    block_gains = experiment_script("block_gains")
+    assert block_gains.main([str(run_dir)]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    checkpoint = list_checkpoints(run_dir)[-1]
+    model = torch.load(checkpoint.path, weights_only=True)["model"]
+    depth = len({k.split(".")[2] for k in model if k.startswith("backbone.blocks.")})
+    assert [(row[1], row[2]) for row in rows][-2:] == [(str(checkpoint.step), "attention"), (str(checkpoint.step), "MLP")]
+    for row, norm in zip(rows[-2:], ("norm1", "norm2")):
+        expected = [model[f"backbone.blocks.{i}.{norm}.weight"].pow(2).mean().sqrt().item() for i in range(depth)]
+        assert [float(v) for v in row[3:3 + depth]] == pytest.approx(expected, rel=0.06)  # printed to 2 digits
+        assert all(0.5 < v < 1.5 for v in expected)  # four small steps leave the gains near 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        block_gains.main([str(tmp_path / "empty")])
+    assert exit_info.value.code == 2 and "has no checkpoint" in capsys.readouterr().err
 
 
 UNSTABLE = SAMPLES / "findings" / "r1_lr_hot"
