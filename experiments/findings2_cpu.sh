@@ -41,6 +41,10 @@ stabilitylab sweep --out "$out/r1_edge_nowarmup" --grid optim.warmup_steps=0 --s
 # R2: batch 1024 with the linear lr rule (peak lr = 4 x edge), 1,000 steps, AdamW vs LAMB
 stabilitylab sweep --out "$out/r2_batch1024" --grid optim.name=adamw,lamb --seeds 2 \
     optim.batch_size=1024 optim.max_steps=1000 optim.base_lr="$edge" "${C[@]}"
+# R2: LAMB with the LayerNorm gains and biases out of weight decay, 500 steps (~25 min a run
+# alone; docs/findings.md has seed 1 so far)
+stabilitylab sweep --out "$out/r2_lamb_nodecay" --grid optim.exclude_norm_bias_wd=true --seeds 2 \
+    optim.batch_size=1024 optim.max_steps=500 optim.base_lr="$edge" optim.name=lamb "${C[@]}"
 # R3: eps raised until the patch projection's median sqrt(v-hat) is 1-10x eps; read the
 # medians first: python experiments/eps_regime.py "$out/r1_lr/base_lr=${edge}_seed0"
 # (at ~2e-3 for the patch projection in the R1 runs, so eps 2e-4 ... 2e-3)

@@ -47,7 +47,7 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     assert experiment_script("findings_tables").main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 44 + 27  # rounds 1 and 2
+    assert len(runs) == 44 + 28  # rounds 1 and 2
     assert all(r.meta["status"] == "finished" for r in runs)
     # S5: the batch sizes side by side, each with its length in steps
     s5 = out[out.index("### S5"):].split("\n\n")[1].splitlines()
@@ -137,6 +137,9 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
     assert "| r2_batch1024/optim=adamw_seed1 | adamw | 1024 | 0.046 (0.026–0.085) | 1.8 | 0.974 (917) | 2.24 | 0 |" in weights
     assert "| r2_batch1024/optim=lamb_seed0 | lamb | 1024 | 0.261 (0.225–0.300) | 0.79 | 3.82e-08 (999) | 3.82e-08 | 162 |" in weights
     assert "| r2_batch1024/optim=lamb_seed1 | lamb | 1024 | 0.254 (0.223–0.306) |" in weights
+    # LAMB with the gains out of weight decay: the blocks' norm does not collapse, learning does
+    assert "| r2_lamb_nodecay/exclude_norm_bias_wd=true_seed1 | lamb | 1024 | 0.256 | 500 | 28.8 | 19.6 | 12.6 |" in r2
+    assert "| r2_lamb_nodecay/exclude_norm_bias_wd=true_seed1 | lamb | 1024 | 0.213 (0.185–0.247) | 4.47 | 1.39 (354) |" in weights
     with pytest.raises(SystemExit) as exit_info:
         tables.main([str(tmp_path)])
     assert exit_info.value.code == 2 and "no collapse_tiny, r1_* or r2_* sweep" in capsys.readouterr().err
