@@ -22,18 +22,16 @@ BRANCH = {"norm1": "attention", "norm2": "MLP"}
 OFF = 1e-3  # a gain's RMS below this scales the branch's output and gradients by < 1/1,000
 
 
-def gain_rows(run_dir: Path) -> list[str]:
-    """Markdown rows: run, step, branch, the gain's RMS per block, blocks below OFF."""
+def gain_rows(run_dir: Path) -> list[tuple[int, str, list[float]]]:
+    """(step, branch, the gain's RMS per block) for every checkpoint of `run_dir` and branch."""
     rows = []
     for checkpoint in list_checkpoints(run_dir):
         model = load_checkpoint(checkpoint)["model"]
         gains = {(int(m.group(1)), m.group(2)): value.float().pow(2).mean().sqrt().item()
                  for name, value in model.items() if (m := GAIN.fullmatch(name))}
         depth = 1 + max(block for block, _ in gains)
-        for norm, branch in BRANCH.items():
-            values = [gains[block, norm] for block in range(depth)]
-            rows.append(f"| {run_dir.name} | {checkpoint.step} | {branch} | "
-                        + " | ".join(f"{v:.1e}" for v in values) + f" | {sum(v < OFF for v in values)} |")
+        rows += [(checkpoint.step, branch, [gains[block, norm] for block in range(depth)])
+                 for norm, branch in BRANCH.items()]
     return rows
 
 
@@ -46,12 +44,13 @@ def main(argv=None) -> int:
         found = gain_rows(run_dir)
         if not found:
             parser.error(f"{run_dir} has no checkpoint: pass a run directory with a checkpoints/ folder")
-        rows += found
-    depth = rows[0].count("|") - 5
-    print("| run | step | branch | " + " | ".join(f"blocks.{i}" for i in range(depth))
-          + f" | blocks under {OFF:g} |")
+        rows += [(run_dir.name, *row) for row in found]
+    depth = max(len(values) for *_, values in rows)
+    print("| run | step | branch | " + " | ".join(f"blocks.{i}" for i in range(depth)) + f" | blocks under {OFF:g} |")
     print("|---|---|---|" + "---|" * (depth + 1))
-    print("\n".join(rows))
+    for run, step, branch, values in rows:
+        print(f"| {run} | {step} | {branch} | " + " | ".join(f"{v:.1e}" for v in values)
+              + f" | {sum(v < OFF for v in values)} |")
     return 0
 
 
