@@ -111,6 +111,33 @@ def test_patch_proj_variants(variant):
         assert names == {n for n, _ in build_backbone(tiny()).named_parameters()}
 
 
+def test_qk_norm_bounds_every_attention_logit_by_the_head_width():
+    """With unit-gain LayerNorms on q and k, |q|, |k| <= sqrt(d_head), so by Cauchy-Schwarz
+    q.k / sqrt(d_head) <= sqrt(d_head) however large the qkv weights grow; without, it grows."""
+    from trainer.probes_attention import AttentionProbe
+
+    head_dim = DIM // 2
+    x = torch.randn(4, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    max_logit = {}
+    for qk_norm in (False, True):
+        torch.manual_seed(0)
+        model = build_backbone(tiny(qk_norm=qk_norm)).eval()
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.qkv.weight[:2 * DIM] *= 30  # q and k rows: the logit growth of a collapse
+        probe = AttentionProbe(model, samples=4, capacity=1)
+        probe.arm(0)
+        with torch.no_grad():
+            model(x)
+        probe.disarm()
+        max_logit[qk_norm] = probe.drain()["max_logit"]
+    assert (max_logit[True] <= math.sqrt(head_dim)).all() and (max_logit[True] > 0.5).all()
+    assert (max_logit[False] > 10 * math.sqrt(head_dim)).all()
+    names = {n for n, _ in build_backbone(tiny(qk_norm=True)).named_parameters()}
+    assert names - {n for n, _ in build_backbone(tiny()).named_parameters()} == {
+        f"blocks.{i}.attn.{qk}_norm.{p}" for i in range(2) for qk in "qk" for p in ("weight", "bias")}
+
+
 @pytest.mark.parametrize("field,value", [("pos_embed", "rope"), ("pool", "max"),
                                          ("patch_proj", "layernorm")])
 def test_unknown_values_raise(field, value):

@@ -11,10 +11,15 @@ from stabilitylab.plots_probes import attention_figure, attention_section
 from trainer.probes_attention import COLUMNS, AttentionProbe
 
 
-def vit():
+def vit(qk_norm=False):
     torch.manual_seed(0)
-    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, num_classes=0,
-                             qkv_bias=True).eval()
+    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, num_classes=0,
+                              qkv_bias=True, qk_norm=qk_norm).eval()
+    with torch.no_grad():  # LayerNorm gains away from 1 and nonzero shifts, so skipping them would show
+        for name, p in model.named_parameters():
+            if "_norm." in name:
+                p.uniform_(0.5, 2.0) if name.endswith("weight") else p.uniform_(-0.5, 0.5)
+    return model
 
 
 def reference(model, x):
@@ -38,13 +43,19 @@ def reference(model, x):
         entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(-1).mean(axis=(0, 2)) / math.log(tokens)
         qkv = inputs[i].double() @ block.attn.qkv.weight.double().T + block.attn.qkv.bias.double()
         q, k, _ = qkv.reshape(*qkv.shape[:2], 3, heads, -1).permute(2, 0, 3, 1, 4)
+        if not isinstance(block.attn.q_norm, torch.nn.Identity):  # qk_norm: LayerNorm over d_head
+            norm = block.attn.q_norm
+            q = torch.nn.functional.layer_norm(q, q.shape[-1:], norm.weight.double(), norm.bias.double(), norm.eps)
+            norm = block.attn.k_norm
+            k = torch.nn.functional.layer_norm(k, k.shape[-1:], norm.weight.double(), norm.bias.double(), norm.eps)
         logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
         rows.append((entropy.mean(), entropy.min(), logits.max().item()))
     return np.array(rows)
 
 
-def test_statistics_match_timm_unfused_weights_on_the_first_call_only():
-    model = vit()
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_statistics_match_timm_unfused_weights_on_the_first_call_only(qk_norm):
+    model = vit(qk_norm)
     gen = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(6, 3, 16, 16, generator=gen), torch.randn(6, 3, 16, 16, generator=gen)
     probe = AttentionProbe(model, samples=4, capacity=4)

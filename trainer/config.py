@@ -107,6 +107,7 @@ class ModelConfig:
     pool: str = "token"  # token | avg (keeps final LayerNorm) | avg_nonorm
     patch_proj: str = "learned"  # learned | frozen | batchnorm | weightnorm | clip
     patch_proj_clip: float = 1.0  # max L2 norm of the projection's gradient for patch_proj=clip
+    qk_norm: bool = False  # LayerNorm on each head's q and k (ViT-22B): bounds the attention logits
     head_hidden_dim: Optional[int] = None  # projector & predictor hidden width
     head_out_dim: Optional[int] = None
     head_bn: bool = True  # BatchNorm in projector/predictor (paper ablation)

@@ -1,5 +1,7 @@
 """The ViT backbone: timm's VisionTransformer set up as MoCo v3 (official vits.py) does it,
-plus the paper's stability switches (position embedding, pooling, patch projection variant).
+plus the paper's stability switches (position embedding, pooling, patch projection variant)
+and one from later work: qk_norm, a LayerNorm on each head's queries and keys (Dehghani et al.
+2023), against the attention-logit growth that precedes the batch-1024 breaks of docs/findings.md.
 
 timm's weight_init='moco' already gives MoCo v3's xavier_uniform Linear init with the qkv
 weight bound computed per q/k/v third, zero biases and cls_token ~ N(0, 1e-6); its LayerNorm
@@ -55,6 +57,7 @@ def build_backbone(cfg) -> VisionTransformer:
     model = VisionTransformer(
         img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
         depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
+        qk_norm=cfg.qk_norm,
         num_classes=0, weight_init="moco",
         pos_embed="none" if cfg.pos_embed == "none" else "learn",  # learn: trunc_normal(.02)
         global_pool="token" if cfg.pool == "token" else "avg",
