@@ -45,6 +45,11 @@ stabilitylab sweep --out "$out/r2_batch1024" --grid optim.name=adamw,lamb --seed
 # alone; docs/findings.md has seed 1 so far)
 stabilitylab sweep --out "$out/r2_lamb_nodecay" --grid optim.exclude_norm_bias_wd=true --seeds 2 \
     optim.batch_size=1024 optim.max_steps=500 optim.base_lr="$edge" optim.name=lamb "${C[@]}"
+# R2: AdamW at batch 1024 with qk_norm (a LayerNorm on each head's q and k): does bounding the
+# attention logits, which reach 1,000 before every break, keep the run learning? 1,000 steps,
+# one run at a time (~50 min each alone)
+stabilitylab sweep --out "$out/r2_qknorm" --grid model.qk_norm=true --seeds 2 --jobs 1 \
+    optim.batch_size=1024 optim.max_steps=1000 optim.base_lr="$edge" --config cpu_edge
 # R3: eps raised until the patch projection's median sqrt(v-hat) is 1-10x eps; read the
 # medians first: python experiments/eps_regime.py "$out/r1_lr/base_lr=${edge}_seed0"
 # (at ~2e-3 for the patch projection in the R1 runs, so eps 2e-4 ... 2e-3)
