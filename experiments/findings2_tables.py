@@ -247,11 +247,12 @@ def r2_weights_table(runs) -> str:
         at_peak = ratio[ratio.index.isin(peak.index[peak >= peak.max()])]
         warmup = run.config_value("optim.warmup_steps")
         after = norm[norm.index >= warmup]
+        smallest = "—" if after.empty else f"{after.min() / norm.iloc[0]:.3g} ({after.idxmin()})"  # still warming up
         zero = int((wide["grad_l2"].max(axis=1) == 0).sum())
         rows.append(f"| {run.path.parent.name}/{run.name} | {run.config_value('optim.name')} | "
                     f"{run.config_value('optim.batch_size')} | {at_peak.median():.3f} ({at_peak.quantile(0.1):.3f}–"
                     f"{at_peak.quantile(0.9):.3f}) | {norm.get(warmup, float('nan')) / norm.iloc[0]:.3g} | "
-                    f"{after.min() / norm.iloc[0]:.3g} ({after.idxmin()}) | {norm.iloc[-1] / norm.iloc[0]:.3g} | {zero} |")
+                    f"{smallest} | {norm.iloc[-1] / norm.iloc[0]:.3g} | {zero} |")
     return "\n".join(rows)
 
 

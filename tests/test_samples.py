@@ -140,6 +140,9 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
     # LAMB with the gains out of weight decay: the blocks' norm does not collapse, learning does
     assert "| r2_lamb_nodecay/exclude_norm_bias_wd=true_seed1 | lamb | 1024 | 0.256 | 500 | 28.8 | 19.6 | 12.6 |" in r2
     assert "| r2_lamb_nodecay/exclude_norm_bias_wd=true_seed1 | lamb | 1024 | 0.213 (0.185–0.247) | 4.47 | 1.39 (354) |" in weights
+    # a run still warming up (a sweep's next run, read while it trains) has no "after warm-up" yet
+    warming = tables.FirstSteps(sl.load_run(SAMPLES / "findings" / "r2_batch1024" / "optim=adamw_seed1"), 200)
+    assert tables.r2_weights_table([warming]).splitlines()[-1].endswith("| nan | — | 1.2 | 0 |")
     with pytest.raises(SystemExit) as exit_info:
         tables.main([str(tmp_path)])
     assert exit_info.value.code == 2 and "no collapse_tiny, r1_* or r2_* sweep" in capsys.readouterr().err
@@ -318,16 +321,19 @@ def test_eps_regime_reads_adam_state_per_group_from_checkpoints(tmp_path, capsys
     assert exit_info.value.code == 2
 
 
-def test_block_gains_reads_each_branch_gain_from_checkpoints(tmp_path, capsys):
-    """experiments/block_gains.py: the RMS of every block's norm1 / norm2 gain per checkpoint,
-    against the checkpoint's tensors read directly; a folder without checkpoints is an error."""
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_block_gains_reads_each_branch_gain_from_checkpoints(tmp_path, capsys, qk_norm):
+    """experiments/block_gains.py: the RMS of every block's norm1 / norm2 gain (and with
+    qk_norm its q_norm / k_norm gain) per checkpoint, against the checkpoint's tensors read
+    directly; a folder without checkpoints is an error."""
     import torch
     from stabilitylab.cli import main
     from test_train import TINY
     from trainer.checkpoint import list_checkpoints
 
     run_dir = tmp_path / "run"
-    assert main(["train", "--out", str(run_dir), *TINY, "optim.max_steps=4", "knn.enabled=false"]) == 0
+    assert main(["train", "--out", str(run_dir), *TINY, "optim.max_steps=4", "knn.enabled=false",
+                 f"model.qk_norm={str(qk_norm).lower()}"]) == 0
     capsys.readouterr()
     block_gains = experiment_script("block_gains")
     assert block_gains.main([str(run_dir)]) == 0
@@ -335,8 +341,12 @@ def test_block_gains_reads_each_branch_gain_from_checkpoints(tmp_path, capsys):
     checkpoint = list_checkpoints(run_dir)[-1]
     model = torch.load(checkpoint.path, weights_only=True)["model"]
     depth = len({k.split(".")[2] for k in model if k.startswith("backbone.blocks.")})
-    assert [(row[1], row[2]) for row in rows][-2:] == [(str(checkpoint.step), "attention"), (str(checkpoint.step), "MLP")]
-    for row, norm in zip(rows[-2:], ("norm1", "norm2")):
+    gains = {"norm1": "attention", "norm2": "MLP"}
+    if qk_norm:
+        gains |= {"attn.q_norm": "query (qk_norm)", "attn.k_norm": "key (qk_norm)"}
+    last = rows[-len(gains):]
+    assert [(row[1], row[2]) for row in last] == [(str(checkpoint.step), branch) for branch in gains.values()]
+    for row, norm in zip(last, gains):
         expected = [model[f"backbone.blocks.{i}.{norm}.weight"].pow(2).mean().sqrt().item() for i in range(depth)]
         assert [float(v) for v in row[3:3 + depth]] == pytest.approx(expected, rel=0.06)  # printed to 2 digits
         assert all(0.5 < v < 1.5 for v in expected)  # four small steps leave the gains near 1
