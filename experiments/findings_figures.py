@@ -12,7 +12,8 @@ r1_knn_lr                   round 2, R1: the fresh-bank kNN of cpu_edge at every
 r1_unstable_controls        round 2: peak lr 1.28e-1 (cpu_unstable) as it is, with a frozen patch
                             projection, beta2 0.95, eps 2e-4, bf16 autocast or no warm-up from step 0
 r2_batch1024                round 2, R2: AdamW and LAMB at batch 1024 (linear lr rule) against AdamW
-                            at batch 256 and the same base lr 6.4e-2, by epoch (= images seen)
+                            at batch 256 and the same base lr 6.4e-2, by epoch (= images seen),
+                            and AdamW at batch 1024 with qk_norm
 A figure whose sweeps are missing is skipped; finished and interrupted runs count (an
 interrupted one shows how far it got).
 """
@@ -40,8 +41,9 @@ FIGURES = {
                                  patch_proj=("learned", "frozen"), base_lr=(0.128,),
                                  keys=["model.patch_proj", "optim.betas", "optim.eps", "precision", "optim.warmup_steps"],
                                  x="step"),
-    "r2_batch1024": dict(sweeps=["r1_lr_hot", "r2_batch1024"], patch_proj=("learned",), base_lr=(0.064,),
-                         keys=["optim.name", "optim.batch_size"], x="epoch"),
+    "r2_batch1024": dict(sweeps=["r1_lr_hot", "r2_batch1024", "r2_qknorm"], patch_proj=("learned",), base_lr=(0.064,),
+                         keys=["optim.name", "optim.batch_size", "model.qk_norm"], x="epoch",
+                         predate={"model.qk_norm": False}),
 }
 
 
@@ -62,6 +64,10 @@ def main(argv=None) -> int:
         runs = [run for run in load_runs(folders) if run.meta.get("status") in ("finished", "interrupted")
                 and run.config_value("model.patch_proj") in spec["patch_proj"]
                 and run.config_value("optim.base_lr") in spec.get("base_lr", [run.config_value("optim.base_lr")])]
+        for run in runs:  # keys that runs made before them lack, with the value those runs had
+            for dotted, value in spec.get("predate", {}).items():
+                section, key = dotted.split(".")
+                run.config.setdefault(section, {}).setdefault(key, value)
         runs.sort(key=lambda run: [run.config_value(key) for key in spec["keys"]])  # legend order
         figure = knn_seeds_plot(runs, x=spec.get("x"), keys=spec["keys"])
         for path in save(figure, Path(args.figures) / name, formats=["png"]):
