@@ -47,7 +47,7 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     assert experiment_script("findings_tables").main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 44 + 28  # rounds 1 and 2
+    assert len(runs) == 44 + 30  # rounds 1 and 2
     assert all(r.meta["status"] == "finished" for r in runs)
     # S5: the batch sizes side by side, each with its length in steps
     s5 = out[out.index("### S5"):].split("\n\n")[1].splitlines()
@@ -140,6 +140,13 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
     # LAMB with the gains out of weight decay: the blocks' norm does not collapse, learning does
     assert "| r2_lamb_nodecay/exclude_norm_bias_wd=true_seed1 | lamb | 1024 | 0.256 | 500 | 28.8 | 19.6 | 12.6 |" in r2
     assert "| r2_lamb_nodecay/exclude_norm_bias_wd=true_seed1 | lamb | 1024 | 0.213 (0.185–0.247) | 4.47 | 1.39 (354) |" in weights
+    # R2-Q: AdamW at batch 1024 with qk_norm keeps its logits bounded and learning far longer
+    assert "| r2_qknorm/qk_norm=true_seed0 | adamw | 1024 | 0.256 | 1000 | 32.1 | 32.8 | 32.5 | 31.2 | 31.1 | 31.8 | 30.0 | 27.9 |" in r2
+    assert "| r2_qknorm/qk_norm=true_seed1 | adamw | 1024 | 0.256 | 1000 | 30.5 | 32.5 | 31.0 | 32.1 | 32.0 | 32.7 | 30.8 | 24.1 |" in r2
+    assert ("| r2_qknorm/qk_norm=true_seed0 | 1000 (finished) | 27.9 | 32.8 | 9.1 | 19 | 18 | blocks.6 118.0× "
+            "| 0.00 (blocks.0, step 830) | 54 (blocks.0, step 840) | blocks.6 809 | none |") in out
+    assert ("| r2_qknorm/qk_norm=true_seed1 | 1000 (finished) | 24.1 | 32.7 | 14.1 | 27 | 26 | blocks.7 115.8× "
+            "| 0.50 (blocks.1, step 930) | 32 (blocks.2, step 870) | cls_token 262 | none |") in out
     # a run still warming up (a sweep's next run, read while it trains) has no "after warm-up" yet
     warming = tables.FirstSteps(sl.load_run(SAMPLES / "findings" / "r2_batch1024" / "optim=adamw_seed1"), 200)
     assert tables.r2_weights_table([warming]).splitlines()[-1].endswith("| nan | — | 1.2 | 0 |")
