@@ -47,7 +47,7 @@ def test_findings_runs_rebuild_the_findings_tables(capsys):
     assert experiment_script("findings_tables").main([str(SAMPLES / "findings")]) == 0
     out = capsys.readouterr().out
     runs = sl.load_runs(sorted((SAMPLES / "findings").iterdir()))
-    assert len(runs) == 44 + 30  # rounds 1 and 2
+    assert len(runs) == 44 + 33  # rounds 1 and 2
     assert all(r.meta["status"] == "finished" for r in runs)
     # S5: the batch sizes side by side, each with its length in steps
     s5 = out[out.index("### S5"):].split("\n\n")[1].splitlines()
@@ -147,6 +147,12 @@ def test_findings2_tables_show_the_attention_collapse_of_the_hot_lr(capsys, tmp_
             "| 0.00 (blocks.0, step 830) | 54 (blocks.0, step 840) | blocks.6 809 | none |") in out
     assert ("| r2_qknorm/qk_norm=true_seed1 | 1000 (finished) | 24.1 | 32.7 | 14.1 | 27 | 26 | blocks.7 115.8× "
             "| 0.50 (blocks.1, step 930) | 32 (blocks.2, step 870) | cls_token 262 | none |") in out
+    # R2-S: with qk_norm and the square-root rule (peak 0.128) batch 1024 learns past batch 256, no break
+    assert "| r2_qknorm_sqrt/base_lr=3.2e-2_seed0 | adamw | 1024 | 0.128 | 1000 | 34.2 | 34.9 | 35.1 | 36.3 | 37.0 | 36.3 | 36.7 | 36.7 |" in r2
+    assert "| r2_qknorm_sqrt/base_lr=3.2e-2_seed1 | adamw | 1024 | 0.128 | 1000 | 33.3 | 34.8 | 34.2 | 35.4 | 35.7 | 36.6 | 37.2 | 36.5 |" in r2
+    assert "| r2_qknorm_sqrt/base_lr=3.2e-2_seed1 | 1000 (finished) | 36.5 | 37.2 | 1.0 | 0 | 0 | blocks.5 6.1× |" in out
+    # its control without qk_norm (400 steps): a block's logit passes 1,000 at step 380
+    assert "| r2_sqrt/base_lr=3.2e-2_seed0 | 400 (finished) | 35.6 | 35.6 | 0.0 | 1 | 1 | blocks.4 18.0× |" in out
     # a run still warming up (a sweep's next run, read while it trains) has no "after warm-up" yet
     warming = tables.FirstSteps(sl.load_run(SAMPLES / "findings" / "r2_batch1024" / "optim=adamw_seed1"), 200)
     assert tables.r2_weights_table([warming]).splitlines()[-1].endswith("| nan | — | 1.2 | 0 |")
