@@ -54,6 +54,9 @@ stabilitylab sweep --out "$out/r2_qknorm" --grid model.qk_norm=true --seeds 2 --
 # breaks too): is what remains of the break the linear rule's larger step? 1,000 steps, one at a time
 stabilitylab sweep --out "$out/r2_qknorm_sqrt" --grid optim.base_lr=3.2e-2 --seeds 2 --jobs 1 \
     model.qk_norm=true optim.batch_size=1024 optim.max_steps=1000 --config cpu_edge
+# its control without qk_norm (docs/findings.md has seed 0 to step 400; 1,000 steps and a second seed to do)
+stabilitylab sweep --out "$out/r2_sqrt" --grid optim.base_lr=3.2e-2 --seeds 2 --jobs 1 \
+    optim.batch_size=1024 optim.max_steps=1000 --config cpu_edge
 # R3: eps raised until the patch projection's median sqrt(v-hat) is 1-10x eps; read the
 # medians first: python experiments/eps_regime.py "$out/r1_lr/base_lr=${edge}_seed0"
 # (at ~2e-3 for the patch projection in the R1 runs, so eps 2e-4 ... 2e-3)
