@@ -54,7 +54,8 @@ stabilitylab sweep --out "$out/r2_qknorm" --grid model.qk_norm=true --seeds 2 --
 # breaks too): is what remains of the break the linear rule's larger step? 1,000 steps, one at a time
 stabilitylab sweep --out "$out/r2_qknorm_sqrt" --grid optim.base_lr=3.2e-2 --seeds 2 --jobs 1 \
     model.qk_norm=true optim.batch_size=1024 optim.max_steps=1000 --config cpu_edge
-# its control without qk_norm (docs/findings.md has seed 0 to step 400; 1,000 steps and a second seed to do)
+# its control without qk_norm (docs/findings.md has seed 0 to step 400, made with optim.max_steps=400; the sweep
+# counts such a run as finished, so give the 1,000-step runs a fresh OUT_DIR)
 stabilitylab sweep --out "$out/r2_sqrt" --grid optim.base_lr=3.2e-2 --seeds 2 --jobs 1 \
     optim.batch_size=1024 optim.max_steps=1000 --config cpu_edge
 # R3: eps raised until the patch projection's median sqrt(v-hat) is 1-10x eps; read the

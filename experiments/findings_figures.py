@@ -14,7 +14,7 @@ r1_unstable_controls        round 2: peak lr 1.28e-1 (cpu_unstable) as it is, wi
 r2_batch1024                round 2, R2: AdamW and LAMB at batch 1024 (linear lr rule) against AdamW
                             at batch 256 and the same base lr 6.4e-2, by epoch (= images seen),
                             and AdamW at batch 1024 with qk_norm, at that base lr and at half of it
-                            (peak 0.128: the square-root rule)
+                            (peak 0.128: the square-root rule), and its control without qk_norm
 A figure whose sweeps are missing is skipped; finished and interrupted runs count (an
 interrupted one shows how far it got).
 """
@@ -42,7 +42,7 @@ FIGURES = {
                                  patch_proj=("learned", "frozen"), base_lr=(0.128,),
                                  keys=["model.patch_proj", "optim.betas", "optim.eps", "precision", "optim.warmup_steps"],
                                  x="step"),
-    "r2_batch1024": dict(sweeps=["r1_lr_hot", "r2_batch1024", "r2_qknorm", "r2_qknorm_sqrt"], patch_proj=("learned",),
+    "r2_batch1024": dict(sweeps=["r1_lr_hot", "r2_batch1024", "r2_qknorm", "r2_qknorm_sqrt", "r2_sqrt"], patch_proj=("learned",),
                          base_lr=(0.064, 0.032), keys=["optim.name", "optim.batch_size", "model.qk_norm", "optim.base_lr"],
                          x="epoch",
                          predate={"model.qk_norm": False}),
